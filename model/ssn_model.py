@@ -1,0 +1,151 @@
+"""SSN = open_clip backbone + SSN head.  The model returns features; the loss lives in ``loss.py``."""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .backbone import CLIPBackbone, create_backbone
+from .ssn_head import SSNHead
+
+# Retrieval methods: SSN itself and the backbone-only baselines it is compared with.
+RETRIEVAL_METHODS = ("ssn", "image", "text", "sum")
+
+
+class CheckpointMismatchError(ValueError):
+    """A checkpoint was made for another backbone or head size."""
+
+
+class SSNModel(nn.Module):
+    """Composed image retrieval with the Semantic Shift Network.
+
+    Args:
+        backbone: the CLIP backbone (fine-tuned with the head).
+        nhead: attention heads of the head's fusion layer.
+    """
+
+    def __init__(self, backbone: CLIPBackbone, nhead: int = 8) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.nhead = nhead
+        self.head = SSNHead(backbone.image_token_dim, backbone.text_width, backbone.embed_dim, nhead=nhead)
+
+    # ------------------------------------------------------------------ training forward
+    def forward(self, reference_images: Tensor, target_images: Tensor, token_ids: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """reference_images, target_images [B, 3, H, W]; token_ids [B, L] -> (q⁺, q⁻, t), each [B, D]."""
+        batch = reference_images.shape[0]
+        # One vision pass for references and targets together.
+        images = self.backbone.encode_image(torch.cat([reference_images, target_images]))
+        text = self.backbone.encode_text(token_ids)
+        ref_tokens, tgt_tokens = images.tokens[:batch], images.tokens[batch:]
+        ref_embeds, tgt_embeds = images.embeds[:batch], images.embeds[batch:]
+        q_pos, q_neg = self.head.compose(ref_tokens, ref_embeds, text.tokens, text.embeds, text.mask)
+        target = self.head.encode_target(tgt_tokens, tgt_embeds)
+        return q_pos, q_neg, target
+
+    # ------------------------------------------------------------------ retrieval
+    def encode_query(self, reference_images: Tensor, token_ids: Tensor, method: str = "ssn") -> Tensor:
+        """Normalised query features [B, D] for a retrieval ``method`` in RETRIEVAL_METHODS."""
+        image = self.backbone.encode_image(reference_images)
+        text = self.backbone.encode_text(token_ids)
+        if method == "ssn":
+            return self.head.compose_query(image.tokens, image.embeds, text.tokens, text.embeds, text.mask)
+        if method == "image":
+            return F.normalize(image.embeds, dim=-1)
+        if method == "text":
+            return F.normalize(text.embeds, dim=-1)
+        if method == "sum":
+            return F.normalize(F.normalize(image.embeds, dim=-1) + F.normalize(text.embeds, dim=-1), dim=-1)
+        raise ValueError(f"unknown retrieval method {method!r}; choose from {RETRIEVAL_METHODS}")
+
+    def encode_gallery(self, images: Tensor, method: str = "ssn") -> Tensor:
+        """Normalised gallery features [B, D]: SSN's target feature, or the plain image embedding."""
+        features = self.backbone.encode_image(images)
+        if method == "ssn":
+            return self.head.encode_target(features.tokens, features.embeds)
+        if method in RETRIEVAL_METHODS:
+            return F.normalize(features.embeds, dim=-1)
+        raise ValueError(f"unknown retrieval method {method!r}; choose from {RETRIEVAL_METHODS}")
+
+    def text_selection(self, reference_images: Tensor, token_ids: Tensor) -> Tensor:
+        """The per-word upgradation weight ``s_t`` [B, L] (0 = degradation word)."""
+        image = self.backbone.encode_image(reference_images)
+        text = self.backbone.encode_text(token_ids)
+        s_t, _ = self.head.selection_weights(image.tokens, text.tokens, text.mask)
+        return s_t
+
+    # ------------------------------------------------------------------ optimisation
+    def configure_optimizers(
+        self,
+        lr: float,
+        lr_ratio: float,
+        optimizer: str = "adam",
+        weight_decay: float | None = None,
+    ) -> torch.optim.Optimizer:
+        """The official optimiser: head groups from :meth:`SSNHead.param_groups`, the backbone at lr·ratio.
+
+        ``adam`` (CIRR recipe) or ``adamw`` (FashionIQ recipe: the CLIP group uses betas (0.9, 0.999)
+        and eps 1e-4).  weight_decay None keeps the optimiser's default (0 for Adam, 0.01 for AdamW).
+        """
+        groups = self.head.param_groups(lr, lr_ratio)
+        backbone_group: dict[str, Any] = {"name": "backbone", "params": list(self.backbone.parameters()), "lr": lr * lr_ratio}
+        kwargs: dict[str, Any] = {"lr": lr}
+        if weight_decay is not None:
+            kwargs["weight_decay"] = weight_decay
+        if optimizer == "adam":
+            optimizer_class = torch.optim.Adam
+        elif optimizer == "adamw":
+            optimizer_class = torch.optim.AdamW
+            backbone_group.update(betas=(0.9, 0.999), eps=1e-4)
+        else:
+            raise ValueError(f"unknown optimizer {optimizer!r}; choose 'adam' or 'adamw'")
+        return optimizer_class(groups + [backbone_group], **kwargs)
+
+    def freeze_vision_tower(self) -> None:
+        """FashionIQ recipe: only the text tower and the head are fine-tuned after the first epoch."""
+        for param in self.backbone.vision_tower.parameters():
+            param.requires_grad_(False)
+
+    # ------------------------------------------------------------------ checkpoints
+    def config(self) -> dict[str, Any]:
+        """What a checkpoint needs to rebuild this model without any other input."""
+        return {**self.backbone.describe(), "nhead": self.nhead}
+
+
+def build_ssn_model(
+    clip_model_name: str,
+    pretrained: str | None = None,
+    nhead: int = 8,
+    device: torch.device | str = "cpu",
+) -> SSNModel:
+    """Backbone from open_clip (name + pretrained tag or local file) and a freshly initialised head."""
+    backbone = create_backbone(clip_model_name, pretrained=pretrained, device=device)
+    return SSNModel(backbone, nhead=nhead).to(device)
+
+
+def check_model_config(saved: dict[str, Any], current: dict[str, Any], source: str) -> None:
+    """Raise CheckpointMismatchError naming every difference between two :meth:`SSNModel.config` dicts."""
+    differences = [
+        f"{key}: checkpoint has {saved.get(key)!r}, model has {current.get(key)!r}"
+        for key in sorted(set(saved) | set(current))
+        if saved.get(key) != current.get(key)
+    ]
+    if differences:
+        raise CheckpointMismatchError(
+            f"{source} was made for another model ({saved.get('clip_model_name')} with text width "
+            f"{saved.get('text_width')}, this model is {current.get('clip_model_name')} with "
+            f"{current.get('text_width')}): " + "; ".join(differences)
+        )
+
+
+def ssn_model_from_checkpoint(checkpoint: dict[str, Any], device: torch.device | str = "cpu", source: str = "checkpoint") -> SSNModel:
+    """Rebuild an SSNModel from a training checkpoint alone (nanoGPT ``sample.py`` style)."""
+    if "model_config" not in checkpoint or "model" not in checkpoint:
+        raise CheckpointMismatchError(f"{source} is not an SSN training checkpoint (no model_config / model)")
+    config = checkpoint["model_config"]
+    model = build_ssn_model(config["clip_model_name"], pretrained=None, nhead=config["nhead"], device=device)
+    check_model_config(config, model.config(), source)
+    model.load_state_dict(checkpoint["model"])
+    return model

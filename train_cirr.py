@@ -1,0 +1,21 @@
+"""Train SSN on CIRR.  Example (the SSN README's command plus the data path):
+
+    python train_cirr.py --data_root /data/cirr_dataset --dataset CIRR --model ssn --projection_dim 512 \\
+        --hidden_dim 512 --num_epochs 50 --batch_size 128 --lr 5e-5 --lr_ratio 0.2 --lr_gamma 0.1 \\
+        --lr_step_size 10 --save_training --save_best --validation_frequency 1
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from training import main_for
+
+
+def main(argv: Sequence[str] | None = None) -> Path:
+    return main_for("cirr", argv)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,20 @@
+"""Train SSN on FashionIQ (AdamW, vision tower frozen from the second epoch, randomised captions).
+
+    python train_fiq.py --data_root /data/fashion-iq --num_epochs 100 --batch_size 384 --lr 4e-5 \\
+        --save_training --save_best
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from training import main_for
+
+
+def main(argv: Sequence[str] | None = None) -> Path:
+    return main_for("fashioniq", argv)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
