@@ -24,7 +24,7 @@ from tqdm import tqdm
 import utils
 from data_utils import CIRRDataset, FashionIQDataset, build_transform, collate_batch
 from distributed import DistributedEnv, init_distributed
-from model import SSNModel, build_ssn_model, check_model_config, ssn_loss_terms
+from model import SSNModel, build_ssn_model, check_model_config, ssn_loss_terms, ssn_model_from_checkpoint
 from precision import PRECISIONS, autocast, effective_precision, grad_scaler
 
 FIQ_CATEGORIES = ("dress", "shirt", "toptee")
@@ -338,6 +338,8 @@ def run_training(args: argparse.Namespace, dataset: str) -> Path:
     pretrained = None if str(args.pretrained).lower() in ("", "none") else args.pretrained
     model = build_ssn_model(args.clip_model_name, pretrained=pretrained, nhead=args.nhead, device=device)
     _check_official_dims(args, model)
+    if pretrained is None:
+        logger.info("backbone %s starts from random weights (--pretrained none)", args.clip_model_name)
     transform = build_transform(args.transform, model.backbone.image_size, args.target_ratio)
     # Datasets check every file they reference up front: a broken dataset fails here, not in epoch 37.
     if dataset == "cirr":
@@ -420,3 +422,28 @@ def main_for(dataset: str, argv: Sequence[str] | None) -> Path:
     args = build_train_parser(dataset).parse_args(argv)
     return run_training(args, dataset)
 
+
+
+# ---------------------------------------------------------------------------------------------- inference
+@dataclass
+class TrainedModel:
+    model: SSNModel
+    dataset: str  # 'cirr' or 'fashioniq'
+    train_args: dict[str, Any]
+    transform: Any
+    checkpoint: dict[str, Any]
+
+
+def run_directory(checkpoint_path: str | os.PathLike) -> Path:
+    """The run folder of a checkpoint (``<run>/checkpoints/x.pt`` -> ``<run>``)."""
+    checkpoint = Path(checkpoint_path)
+    return checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else checkpoint.parent
+
+
+def load_trained_model(checkpoint_path: str | os.PathLike, device: torch.device) -> TrainedModel:
+    """Rebuild the model, its preprocessing and dataset from a training checkpoint alone."""
+    checkpoint = utils.load_checkpoint(checkpoint_path, map_location="cpu")
+    model = ssn_model_from_checkpoint(checkpoint, device=device, source=str(checkpoint_path)).eval()
+    train_args = checkpoint.get("args", {})
+    transform = build_transform(train_args.get("transform", "clip"), model.backbone.image_size, train_args.get("target_ratio", 1.25))
+    return TrainedModel(model, checkpoint.get("dataset", "cirr"), train_args, transform, checkpoint)

@@ -9,7 +9,6 @@ transformer, so the tower runs once.
 """
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -22,8 +21,6 @@ from torch import Tensor, nn
 MODEL_CONFIG_DIR = Path(__file__).resolve().parent / "model_configs"
 # The tiny configs shipped with the project become ordinary open_clip model names.
 open_clip.add_model_config(MODEL_CONFIG_DIR)
-
-_logger = logging.getLogger("cir")
 
 
 @dataclass(frozen=True)
@@ -179,7 +176,5 @@ def create_backbone(
     clip_model = open_clip.create_model(
         model_name, pretrained=pretrained or None, precision=precision, device=device
     )
-    if not pretrained:
-        _logger.info("backbone %s initialised with random weights", model_name)
     tokenizer = open_clip.get_tokenizer(model_name)
     return CLIPBackbone(clip_model, tokenizer, model_name)

@@ -1,0 +1,60 @@
+"""Validate a saved SSN checkpoint on CIRR val or FashionIQ val.
+
+    python validate.py --checkpoint runs/cirr_x/checkpoints/best.pt [--data_root /data/cirr_dataset] [--baselines]
+
+The backbone, head and preprocessing come from the checkpoint; the data path defaults to the one the model
+was trained with.  Prints a table and writes it as JSON (default: next to the checkpoint's run).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Sequence
+
+import utils
+from distributed import init_distributed
+from model import RETRIEVAL_METHODS
+from precision import PRECISIONS, effective_precision
+from training import FIQ_CATEGORIES, evaluate, load_trained_model, resolve_dataset_root, retrieval_sets, run_directory
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[1])
+    parser.add_argument("--checkpoint", required=True, help="a checkpoint written by train_cirr.py / train_fiq.py")
+    parser.add_argument("--data_root", default=None, help="default: the --data_root of the training run")
+    parser.add_argument("--baselines", action="store_true",
+                        help="also score image-only, text-only and image+text sum retrieval with the same backbone")
+    parser.add_argument("--output", default=None, help="metrics JSON (default: <run>/validation.json)")
+    parser.add_argument("--batch_size", type=int, default=64)
+    parser.add_argument("--num_workers", type=int, default=0)
+    parser.add_argument("--device", default=None)
+    parser.add_argument("--precision", choices=PRECISIONS, default="amp")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, float]]:
+    args = build_parser().parse_args(argv)
+    logger = utils.setup_logging(None)
+    device = init_distributed(args.device).device
+    precision = effective_precision(args.precision, device)
+    trained = load_trained_model(args.checkpoint, device)
+    data_root = args.data_root or trained.train_args.get("data_root")
+    if not data_root:
+        raise ValueError(f"{args.checkpoint} records no data_root: pass --data_root")
+    root = resolve_dataset_root(data_root, trained.dataset)
+    sets = retrieval_sets(trained.dataset, root, "val", trained.transform, trained.train_args.get("dress_types", FIQ_CATEGORIES))
+    methods = RETRIEVAL_METHODS if args.baselines else ("ssn",)
+    results = {
+        method: evaluate(trained.model, sets, trained.dataset, device, precision, method, args.batch_size, args.num_workers)
+        for method in methods
+    }
+    output = Path(args.output) if args.output else run_directory(args.checkpoint) / "validation.json"
+    utils.atomic_write_json(output, {"checkpoint": str(args.checkpoint), "dataset": trained.dataset, "split": "val", "metrics": results})
+    logger.info("%s val, %s:\n%s", trained.dataset, args.checkpoint, utils.metrics_table(results))
+    logger.info("metrics written to %s", output)
+    return results
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
