@@ -1,0 +1,121 @@
+"""The whole pipeline through the scripts' main([...]) on small synthetic datasets (open_clip test style)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import cirr_test_submission
+import train_cirr
+import train_fiq
+import utils
+import validate
+from data_utils import make_synthetic_cirr, make_synthetic_fashioniq
+from model import CheckpointMismatchError
+
+TINY = ["--clip_model_name", "ViT-Tiny-P8-32", "--pretrained", "none", "--transform", "clip", "--num_workers", "0",
+        "--lr", "1e-3", "--optimizer", "adamw", "--grad_clip", "1.0"]
+
+
+@pytest.fixture(scope="module")
+def cirr_root(tmp_path_factory):
+    return make_synthetic_cirr(tmp_path_factory.mktemp("data"), seed=3, num_train=192, num_val=40, num_test=24)
+
+
+@pytest.fixture(scope="module")
+def cirr_run(cirr_root, tmp_path_factory):
+    output = tmp_path_factory.mktemp("run")
+    run_dir = train_cirr.main(["--data_root", str(cirr_root.parent), *TINY, "--num_epochs", "3", "--batch_size", "32",
+                               "--save_best", "--output_dir", str(output), "--log_every", "1"])
+    return run_dir
+
+
+def test_training_writes_run_outputs_and_the_loss_decreases(cirr_run):
+    assert (cirr_run / "checkpoints" / "best.pt").is_file() and (cirr_run / "checkpoints" / "last.pt").is_file()
+    args = json.loads((cirr_run / "args.json").read_text())
+    assert args["clip_model_name"] == "ViT-Tiny-P8-32"
+    log = utils.read_metrics_log(cirr_run / "metrics.jsonl")
+    epoch_losses = log["train/epoch_loss"].dropna().tolist()
+    assert len(epoch_losses) == 3 and epoch_losses[-1] < epoch_losses[0]
+    assert {"val/R@1", "val/Rs@1", "val/Avg"} <= set(log.columns)
+    summary = json.loads((cirr_run / "summary.json").read_text())
+    assert summary["epochs"] == 3 and summary["steps"] == 18
+
+
+def test_checkpoint_holds_config_and_state(cirr_run):
+    checkpoint = utils.load_checkpoint(cirr_run / "checkpoints" / "last.pt")
+    assert checkpoint["model_config"]["clip_model_name"] == "ViT-Tiny-P8-32"
+    assert checkpoint["model_config"]["text_width"] == 64
+    assert checkpoint["epoch"] == 3 and checkpoint["dataset"] == "cirr"
+    assert {"optimizer", "scheduler", "scaler", "rng", "args", "format_version"} <= set(checkpoint)
+
+
+def test_validate_rebuilds_the_model_from_the_checkpoint(cirr_run, tmp_path):
+    output = tmp_path / "val.json"
+    results = validate.main(["--checkpoint", str(cirr_run / "checkpoints" / "best.pt"), "--baselines",
+                             "--output", str(output)])
+    assert set(results) == {"ssn", "image", "text", "sum"}
+    saved = json.loads(output.read_text())["metrics"]
+    best = utils.load_checkpoint(cirr_run / "checkpoints" / "best.pt")["best_metrics"]
+    # Validation of the saved weights reproduces the metrics measured during training.
+    for key in ("R@1", "R@5", "Rs@1", "Avg"):
+        assert saved["ssn"][key] == pytest.approx(best[key], abs=1e-6)
+
+
+def test_submission_files_are_complete_and_checked(cirr_run, cirr_root, tmp_path):
+    recall_path, subset_path = cirr_test_submission.main([
+        "--checkpoint", str(cirr_run / "checkpoints" / "best.pt"), "--submission_name", "t",
+        "--output_dir", str(tmp_path)])
+    assert recall_path.name == "recall_submission_t.json" and subset_path.name == "recall_subset_submission_t.json"
+    recall, subset = json.loads(recall_path.read_text()), json.loads(subset_path.read_text())
+    triplets = json.loads((cirr_root / "cirr" / "captions" / "cap.rc2.test1.json").read_text())
+    assert recall["version"] == "rc2" and recall["metric"] == "recall" and subset["metric"] == "recall_subset"
+    for triplet in triplets:
+        ranked = recall[str(triplet["pairid"])]
+        assert len(ranked) == 50 and triplet["reference"] not in ranked
+        top3 = subset[str(triplet["pairid"])]
+        assert len(top3) == 3 and set(top3) <= set(triplet["img_set"]["members"]) - {triplet["reference"]}
+
+
+def test_resume_continues_from_the_last_checkpoint(cirr_run, cirr_root, tmp_path):
+    run_dir = train_cirr.main(["--data_root", str(cirr_root), *TINY, "--num_epochs", "4", "--batch_size", "32",
+                               "--resume", str(cirr_run / "checkpoints" / "last.pt"), "--output_dir", str(tmp_path)])
+    checkpoint = utils.load_checkpoint(run_dir / "checkpoints" / "last.pt")
+    assert checkpoint["epoch"] == 4 and checkpoint["global_step"] == 24
+
+
+def test_resume_from_another_backbone_names_the_mismatch(cirr_run, cirr_root, tmp_path):
+    with pytest.raises(CheckpointMismatchError, match="ViT-Tiny-P8-32.*ViT-Tiny-P16-64|image_token_dim"):
+        train_cirr.main(["--data_root", str(cirr_root), *TINY, "--clip_model_name", "ViT-Tiny-P16-64",
+                         "--num_epochs", "1", "--batch_size", "32",
+                         "--resume", str(cirr_run / "checkpoints" / "last.pt"), "--output_dir", str(tmp_path)])
+
+
+def test_official_width_flags_are_checked(cirr_root, tmp_path):
+    with pytest.raises(ValueError, match="projection_dim 512 does not match"):
+        train_cirr.main(["--data_root", str(cirr_root), *TINY, "--projection_dim", "512", "--num_epochs", "1",
+                         "--output_dir", str(tmp_path)])
+
+
+def test_wrong_data_root_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no cirr dataset"):
+        train_cirr.main(["--data_root", str(tmp_path / "nowhere"), *TINY, "--output_dir", str(tmp_path / "o")])
+
+
+def test_fashioniq_training_and_validation(tmp_path):
+    root = make_synthetic_fashioniq(tmp_path / "data", seed=1, num_train_per_category=48, num_val_per_category=16,
+                                    num_test_per_category=4)
+    run_dir = train_fiq.main(["--data_root", str(root.parent), *TINY, "--num_epochs", "2", "--batch_size", "24",
+                              "--save_training", "--output_dir", str(tmp_path / "run")])
+    first = utils.load_checkpoint(run_dir / "checkpoints" / "epoch_1.pt")
+    second = utils.load_checkpoint(run_dir / "checkpoints" / "epoch_2.pt")
+    assert second["dataset"] == "fashioniq"
+    # The FashionIQ recipe freezes the vision tower from the second epoch: only text tower and head move.
+    vision = [k for k in first["model"] if ".visual." in k]
+    text = [k for k in first["model"] if k.startswith("backbone.clip.transformer.")]
+    assert vision and all(torch.equal(first["model"][k], second["model"][k]) for k in vision)
+    assert not all(torch.equal(first["model"][k], second["model"][k]) for k in text)
+    results = validate.main(["--checkpoint", str(run_dir / "checkpoints" / "epoch_2.pt"),
+                             "--output", str(tmp_path / "v.json")])
+    assert {"dress_R@10", "shirt_R@50", "toptee_R@10", "avg_R@10", "avg_R@50", "mean"} <= set(results["ssn"])
