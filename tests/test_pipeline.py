@@ -119,3 +119,16 @@ def test_fashioniq_training_and_validation(tmp_path):
     results = validate.main(["--checkpoint", str(run_dir / "checkpoints" / "epoch_2.pt"),
                              "--output", str(tmp_path / "v.json")])
     assert {"dress_R@10", "shirt_R@50", "toptee_R@10", "avg_R@10", "avg_R@50", "mean"} <= set(results["ssn"])
+
+
+def test_the_ssn_readme_command_is_accepted(cirr_root):
+    """The official training command (SSN README) parses as written, and its widths fit ViT-B-32."""
+    from training import check_official_dims, build_train_parser
+    from model import build_ssn_model
+
+    command = ("--dataset CIRR --model ssn --project_name xxx --workspace xxx --projection_dim 512 --hidden_dim 512 "
+               "--num_epochs 50 --batch_size 128 --lr 5e-5 --lr_ratio 0.2 --lr_gamma 0.1 --lr_step_size 10 "
+               "--save_training --save_best --validation_frequency 1").split()
+    args = build_train_parser("cirr").parse_args(["--data_root", str(cirr_root), *command])
+    assert (args.clip_model_name, args.pretrained, args.optimizer) == ("ViT-B-32", "openai", "adam")
+    check_official_dims(args, build_ssn_model("ViT-B-32"))  # random weights: same shapes as OpenAI's
