@@ -1,6 +1,6 @@
 """Validate a saved SSN checkpoint on CIRR val or FashionIQ val.
 
-    python validate.py --checkpoint runs/cirr_x/checkpoints/best.pt [--data_root /data/cirr_dataset] [--baselines]
+    python validate.py --checkpoint runs/cirr_x/checkpoints/best.pt [--data_root /data/cirr_dataset] [--baselines] [--visualize 8]
 
 The backbone, head and preprocessing come from the checkpoint; the data path defaults to the one the model
 was trained with.  Prints a table and writes it as JSON (default: next to the checkpoint's run).
@@ -8,15 +8,24 @@ was trained with.  Prints a table and writes it as JSON (default: next to the ch
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from pathlib import Path
 from typing import Sequence
 
+import torch
+
 import utils
+import visualize
 from distributed import init_distributed
 from model import RETRIEVAL_METHODS
 from precision import PRECISIONS, effective_precision
-from training import FIQ_CATEGORIES, evaluate, load_trained_model, resolve_dataset_root, retrieval_sets, run_directory
+from training import (
+    FIQ_CATEGORIES, RetrievalSet, TrainedModel, encode_gallery, encode_queries, evaluate, load_trained_model,
+    resolve_dataset_root, retrieval_sets, run_directory,
+)
+
+_logger = logging.getLogger("cir.validate")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -30,7 +39,33 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--num_workers", type=int, default=0)
     parser.add_argument("--device", default=None)
     parser.add_argument("--precision", choices=PRECISIONS, default="amp")
+    parser.add_argument("--visualize", type=int, default=0, metavar="K",
+                        help="also write a retrieval grid (PNG + HTML) of K queries, successes and failures, beside the metrics JSON")
     return parser
+
+
+def evaluate_and_visualize(
+    trained: TrainedModel, sets: list[RetrievalSet], device: torch.device, precision: str, args: argparse.Namespace, output: Path,
+) -> dict[str, float]:
+    """SSN metrics as :func:`training.evaluate` computes them, plus a grid per set drawn from the same features."""
+    per_set = {}
+    for retrieval_set in sets:
+        names, gallery = encode_gallery(trained.model, retrieval_set.gallery, device, precision, "ssn", args.batch_size, args.num_workers)
+        queries, meta = encode_queries(trained.model, retrieval_set.queries, device, precision, "ssn", args.batch_size, args.num_workers)
+        if trained.dataset == "cirr":
+            per_set[retrieval_set.name] = utils.cirr_metrics(
+                queries, gallery, names, meta["reference_name"], meta["target_name"], meta["members"]
+            )
+        else:
+            per_set[retrieval_set.name] = utils.fiq_metrics(queries, gallery, names, meta["target_name"])
+        examples = visualize.retrieval_examples(
+            trained.model, retrieval_set.queries, retrieval_set.gallery, names, queries, gallery, meta, args.visualize,
+            exclude_reference=trained.dataset == "cirr",  # as the metrics: CIRR removes the reference, FashionIQ not
+        )
+        title = f"{retrieval_set.name} val: {Path(args.checkpoint).name} ({trained.train_args.get('clip_model_name', '?')})"
+        png, page = visualize.write_retrieval_examples(examples, output, retrieval_set.name, title)
+        _logger.info("retrieval examples: %s, %s", png, page)
+    return per_set["cirr"] if trained.dataset == "cirr" else utils.summarize_fiq(per_set)
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, float]]:
@@ -45,14 +80,19 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, float]]:
     root = resolve_dataset_root(data_root, trained.dataset)
     sets = retrieval_sets(trained.dataset, root, "val", trained.transform, trained.train_args.get("dress_types", FIQ_CATEGORIES))
     methods = RETRIEVAL_METHODS if args.baselines else ("ssn",)
+    output = Path(args.output) if args.output else run_directory(args.checkpoint) / "validation.json"
     results = {
-        method: evaluate(trained.model, sets, trained.dataset, device, precision, method, args.batch_size, args.num_workers)
+        method: evaluate_and_visualize(trained, sets, device, precision, args, output)
+        if method == "ssn" and args.visualize > 0
+        else evaluate(trained.model, sets, trained.dataset, device, precision, method, args.batch_size, args.num_workers)
         for method in methods
     }
-    output = Path(args.output) if args.output else run_directory(args.checkpoint) / "validation.json"
     utils.atomic_write_json(output, {"checkpoint": str(args.checkpoint), "dataset": trained.dataset, "split": "val", "metrics": results})
     logger.info("%s val, %s:\n%s", trained.dataset, args.checkpoint, utils.metrics_table(results))
     logger.info("metrics written to %s", output)
+    report = visualize.write_run_report_safely(run_directory(args.checkpoint), device=str(device), validation_json=output)
+    if report is not None:
+        logger.info("run report written to %s", report)
     return results
 
 

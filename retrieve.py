@@ -1,0 +1,85 @@
+"""One composed query from the shell: a reference image and a modification text against a folder of images.
+
+    python retrieve.py --checkpoint runs/cirr_x/checkpoints/best.pt --reference ref.png \\
+        --text "make the circle blue" --gallery_dir photos/ --top_k 10 [--grid out.png]
+
+Prints the top-k gallery paths with their cosine scores. The gallery features are cached on disk, keyed
+by the checkpoint file (path, size, mtime) and the gallery's file list (paths, sizes, mtimes), so the
+next query against the same folder only encodes the query.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+import utils
+import visualize
+from data_utils import load_image
+from distributed import init_distributed
+from precision import PRECISIONS, effective_precision
+from training import encode_gallery, load_trained_model
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--checkpoint", required=True, help="a checkpoint written by train_cirr.py / train_fiq.py")
+    parser.add_argument("--reference", required=True, help="the reference image")
+    parser.add_argument("--text", required=True, help="the modification text")
+    parser.add_argument("--gallery_dir", required=True, help="folder of candidate images (searched recursively)")
+    parser.add_argument("--top_k", type=int, default=10)
+    parser.add_argument("--grid", default=None, help="also draw the query and its top-k into this PNG")
+    parser.add_argument("--cache_dir", default=str(Path.home() / ".cache" / "ssn_cir"), help="gallery feature cache")
+    parser.add_argument("--batch_size", type=int, default=64)
+    parser.add_argument("--num_workers", type=int, default=0)
+    parser.add_argument("--device", default=None)
+    parser.add_argument("--precision", choices=PRECISIONS, default="amp")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> list[tuple[Path, float]]:
+    args = build_parser().parse_args(argv)
+    if args.top_k < 1:
+        raise ValueError(f"--top_k must be >= 1, got {args.top_k}")
+    logger = utils.setup_logging(None)
+    device = init_distributed(args.device).device
+    precision = effective_precision(args.precision, device)
+    reference = load_image(args.reference)  # fail on a bad reference before encoding a gallery
+    files = visualize.list_gallery_images(args.gallery_dir)
+    trained = load_trained_model(args.checkpoint, device)
+
+    def compute() -> torch.Tensor:
+        gallery = visualize.ImageFolderGallery(files, trained.transform)
+        return encode_gallery(trained.model, gallery, device, precision, "ssn", args.batch_size, args.num_workers)[1]
+
+    key = visualize.gallery_cache_key(args.checkpoint, files)
+    gallery_feats, cache_file, hit = visualize.cached_gallery_features(args.cache_dir, key, files, compute)
+    logger.info("gallery features (%d images) %s %s", len(files), "loaded from cache" if hit else "computed and cached in", cache_file)
+
+    reference_image = trained.transform(reference)[None].to(device)
+    with torch.no_grad():
+        token_ids = trained.model.backbone.tokenize([args.text]).to(device)
+        query = trained.model.encode_query(reference_image, token_ids, "ssn").float().cpu()
+    # As in CIRR, the reference itself is no answer when it lies in the gallery folder.
+    resolved = [f.resolve() for f in files]
+    reference_path = Path(args.reference).resolve()
+    exclude = torch.tensor([resolved.index(reference_path) if reference_path in resolved else -1])
+    scores, indices = utils.topk_retrieval(query, gallery_feats, args.top_k, exclude)
+    results = [(files[i], s) for i, s in zip(indices[0].tolist(), scores[0].tolist())]
+    for rank, (path, score) in enumerate(results, start=1):
+        print(f"{rank:>3}  {score:.4f}  {path}")
+
+    if args.grid:
+        words = visualize.word_selection(trained.model, reference_image, [args.text])[0]
+        example = visualize.QueryExample(Path(args.reference), args.text, [p for p, _ in results],
+                                         [s for _, s in results], words=words)
+        grid, _ = visualize.draw_retrieval_grid([example], args.grid, title=f"query: {args.text}")
+        logger.info("grid written to %s", grid)
+    return results
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
