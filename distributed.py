@@ -48,9 +48,13 @@ def init_distributed(device: str | None = None) -> DistributedEnv:
 def all_gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
     """Concatenate ``tensor`` [b, ...] from every rank into [world·b, ...], keeping the gradient path.
 
-    Each rank's own slice keeps its autograd graph; ``torch.distributed.nn.all_gather`` routes the
-    gradients of the other slices back to their ranks, so N processes of batch b see the loss of one
-    process of batch N·b.
+    Every rank then computes the same global loss ``L`` over all N·b samples.  The backward of
+    ``torch.distributed.nn.all_gather`` sums, over all ranks, the gradients reaching each slice and sends
+    the sum to the slice's owner, so rank r receives ``N · ∂L/∂x_r`` for its own features; DDP's gradient
+    average (sum over ranks / N) then gives exactly ``∂L/∂θ`` of one process with batch N·b: no extra
+    scaling of the loss is needed (tests/test_distributed.py checks this against a single process).
+    Gathering without gradients and keeping only the local slice's graph (open_clip's
+    ``gather_with_grad=False``) would instead give ``∂L/∂θ / N``.
     """
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return tensor

@@ -9,7 +9,9 @@ Two differences from the official forward, neither changing its results on unpad
 * the fusion layer computes queries, attention output, norms and feed-forward only at the positions that
   are read afterwards (class token and text tokens; class token only for targets).  Keys and values are
   still computed for every token, so the outputs at the read positions are exactly those of
-  ``nn.TransformerEncoderLayer``; patch tokens only cost a K/V projection.
+  ``nn.TransformerEncoderLayer``; patch tokens only cost a K/V projection.  That projection is linear
+  and the selection weights are per-token scalars, so one projection of the tokens serves both the
+  positive and the negative branch, which run as one batched call.
 """
 from __future__ import annotations
 
@@ -81,37 +83,47 @@ class SSNHead(nn.Module):
         )
 
     # ------------------------------------------------------------------ fusion
+    def _in_projection(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """The fusion layer's query and key/value projections: ``w_q`` [w, w], ``b_q``, ``w_kv`` [2w, w], ``b_kv``."""
+        attn = self.fusion_layer.layers[0].self_attn
+        w_q, w_kv = attn.in_proj_weight.split([self.width, 2 * self.width])
+        b_q, b_kv = attn.in_proj_bias.split([self.width, 2 * self.width])
+        return w_q, b_q, w_kv, b_kv
+
+    def _attend(self, queries_in: Tensor, q: Tensor, kv: Tensor, attn_mask: Tensor | None) -> Tensor:
+        """The rest of the post-norm encoder layer at the read positions.
+
+        queries_in [B, R, w] (the layer's input there, for the residual); q [B, R, w] their projected
+        queries; kv [B, N, 2w] keys and values of every token; attn_mask None or [B, 1, 1, N], True =
+        attend.  Returns the layer's output [B, R, w].
+        """
+        layer = self.fusion_layer.layers[0]
+        batch, _, width = queries_in.shape
+        head_dim = width // self.nhead
+
+        def split_heads(x: Tensor) -> Tensor:  # [B, n, w] -> [B, h, n, w/h]
+            return x.view(batch, -1, self.nhead, head_dim).transpose(1, 2)
+
+        k, v = kv.chunk(2, dim=-1)
+        attended = F.scaled_dot_product_attention(
+            split_heads(q), split_heads(k), split_heads(v),
+            attn_mask=attn_mask, dropout_p=layer.self_attn.dropout if self.training else 0.0,
+        )
+        attended = layer.self_attn.out_proj(attended.transpose(1, 2).reshape(batch, -1, width))
+        x = layer.norm1(queries_in + layer.dropout1(attended))
+        feed_forward = layer.linear2(layer.dropout(layer.activation(layer.linear1(x))))
+        return layer.norm2(x + layer.dropout2(feed_forward))
+
     def _fuse(self, tokens: Tensor, read_positions: Tensor, key_padding_mask: Tensor | None) -> Tensor:
         """One post-norm encoder layer, evaluated only where its output is read.
 
         tokens [B, N, w]; read_positions [R] (indices into N); key_padding_mask [B, N], True = ignore.
         Returns [B, R, w], equal to ``fusion_layer(tokens)[:, read_positions]`` (batch-first).
         """
-        layer = self.fusion_layer.layers[0]
-        attn = layer.self_attn
-        batch, num_tokens, width = tokens.shape
-        head_dim = width // self.nhead
-        w_q, w_kv = attn.in_proj_weight.split([width, 2 * width])
-        b_q, b_kv = attn.in_proj_bias.split([width, 2 * width])
+        w_q, b_q, w_kv, b_kv = self._in_projection()
         queries_in = tokens[:, read_positions]  # [B, R, w]
-        q = F.linear(queries_in, w_q, b_q)
-        k, v = F.linear(tokens, w_kv, b_kv).chunk(2, dim=-1)  # [B, N, w] each
-
-        def split_heads(x: Tensor) -> Tensor:  # [B, n, w] -> [B, h, n, w/h]
-            return x.view(batch, -1, self.nhead, head_dim).transpose(1, 2)
-
-        attn_mask = None
-        if key_padding_mask is not None:
-            attn_mask = ~key_padding_mask[:, None, None, :]  # [B, 1, 1, N], True = attend
-        attended = F.scaled_dot_product_attention(
-            split_heads(q), split_heads(k), split_heads(v),
-            attn_mask=attn_mask, dropout_p=attn.dropout if self.training else 0.0,
-        )
-        attended = attended.transpose(1, 2).reshape(batch, -1, width)
-        attended = attn.out_proj(attended)
-        x = layer.norm1(queries_in + layer.dropout1(attended))
-        feed_forward = layer.linear2(layer.dropout(layer.activation(layer.linear1(x))))
-        return layer.norm2(x + layer.dropout2(feed_forward))
+        attn_mask = None if key_padding_mask is None else ~key_padding_mask[:, None, None, :]
+        return self._attend(queries_in, F.linear(queries_in, w_q, b_q), F.linear(tokens, w_kv, b_kv), attn_mask)
 
     def _type_embedding(self, token_type: int, like: Tensor) -> Tensor:
         return self.token_type_embeddings.weight[token_type].to(like.dtype)
@@ -125,17 +137,32 @@ class SSNHead(nn.Module):
         _, s_t, s_v = self._decompose(ref_tokens, text_tokens, text_mask)
         return s_t.squeeze(-1), s_v.squeeze(-1)
 
+    @staticmethod
+    def _select(selection: nn.Sequential, tokens: Tensor, context: Tensor) -> Tensor:
+        """``σ(Linear([tokens_i ; context]))`` [B, n, 1] for tokens [B, n, w] and one context [B, 1, w]
+        per sample, without materialising the concatenation: the linear layer splits into a per-token
+        and a per-sample part."""
+        linear = selection[0]
+        w_token, w_context = linear.weight.split(tokens.shape[-1], dim=-1)
+        return selection[1](F.linear(tokens, w_token) + F.linear(context, w_context, linear.bias))
+
     def _decompose(self, ref_tokens: Tensor, text_tokens: Tensor, text_mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         projected = self.image_token_proj_layer(ref_tokens)  # Ṽ [B, 1+P, w]
-        global_image = projected[:, :1].expand(-1, text_tokens.shape[1], -1)  # g [B, L, w]
-        s_t = self.text_token_selection_mask(torch.cat([text_tokens, global_image], dim=-1))  # [B, L, 1]
-        degradation_words = text_tokens * (1 - s_t)  # T⁻
-        h = masked_mean(degradation_words, text_mask)  # [B, w]
-        h = h[:, None].expand(-1, projected.shape[1], -1)  # [B, 1+P, w]
-        s_v = self.image_token_selection_mask(torch.cat([projected, h], dim=-1))  # [B, 1+P, 1]
+        s_t = self._select(self.text_token_selection_mask, text_tokens, projected[:, :1])  # σ([T_i ; g]) [B, L, 1]
+        h = masked_mean(text_tokens * (1 - s_t), text_mask)  # mean of the degradation words T⁻ [B, w]
+        s_v = self._select(self.image_token_selection_mask, projected, h[:, None])  # σ([Ṽ_j ; h]) [B, 1+P, 1]
         return projected, s_t, s_v
 
     # ------------------------------------------------------------------ composition
+    @staticmethod
+    def _branches(values: Tensor, selection: Tensor, offset: Tensor, with_negative: bool) -> Tensor:
+        """``values·s + offset`` and, with the negative branch, ``values·(1 − s) + offset`` stacked on the
+        batch axis: values [B, n, c], selection [B, n, 1], offset [n, c] -> [br·B, n, c]."""
+        selected = values * selection
+        if not with_negative:
+            return selected + offset
+        return torch.cat([selected + offset, values - selected + offset])
+
     def _compose(
         self,
         ref_tokens: Tensor,
@@ -146,32 +173,33 @@ class SSNHead(nn.Module):
         with_negative: bool,
     ) -> Tensor:
         projected, s_t, s_v = self._decompose(ref_tokens, text_tokens, text_mask)
-        image_type = self._type_embedding(IMAGE_TOKEN_TYPE, projected)
-        text_type = self._type_embedding(TEXT_TOKEN_TYPE, text_tokens)
-        # Branch 0: prototype P with upgradation words T⁺; branch 1: discarded part N with T⁻.
-        image_parts = [projected * s_v]
-        text_parts = [text_tokens * s_t]
-        if with_negative:
-            image_parts.append(projected * (1 - s_v))
-            text_parts.append(text_tokens * (1 - s_t))
-        branches = len(image_parts)
-        sequence = torch.cat(
-            [torch.cat(image_parts) + image_type, torch.cat(text_parts) + text_type], dim=1
-        )  # [branches·B, 1+P+L, w]: both branches in one batched call
-        num_image = projected.shape[1]
-        mask = text_mask.repeat(branches, 1)  # [branches·B, L]
-        key_padding = torch.cat(
-            [torch.zeros(mask.shape[0], num_image, dtype=torch.bool, device=mask.device), mask == 0], dim=1
-        )
-        read = torch.cat([torch.zeros(1, dtype=torch.long), torch.arange(num_image, sequence.shape[1])])
-        fused = self._fuse(sequence, read.to(sequence.device), key_padding)  # [branches·B, 1+L, w]
-        combined = torch.cat([masked_mean(fused[:, 1:], mask), fused[:, 0]], dim=-1)  # c [branches·B, 2w]
-        dynamic = self.dynamic_scalar(combined)  # λ [branches·B, 1]
+        # Fusion input per branch: [Ṽ·s ; T·s_t] + token types, with s = s_v, s_t for branch 0 (prototype P
+        # with upgradation words T⁺) and 1 − s for branch 1 (discarded part N with degradation words T⁻).
+        # The selection weights are per-token scalars and the key/value projection is linear, so
+        # W(x·s + type) + b = s·(W x) + (W type + b): one projection of the tokens serves both branches.
+        w_q, b_q, w_kv, b_kv = self._in_projection()
+        num_image, num_text = projected.shape[1], text_tokens.shape[1]
+        types = torch.cat([
+            self._type_embedding(IMAGE_TOKEN_TYPE, projected).expand(num_image, -1),
+            self._type_embedding(TEXT_TOKEN_TYPE, text_tokens).expand(num_text, -1),
+        ])  # [N, w]
+        tokens = torch.cat([projected, text_tokens], dim=1)  # [B, N, w]
+        selection = torch.cat([s_v, s_t], dim=1)  # [B, N, 1]
+        kv = self._branches(F.linear(tokens, w_kv), selection, F.linear(types, w_kv, b_kv), with_negative)  # [br·B, N, 2w]
+        # Only the class token and the text tokens are read: queries, norms and feed-forward there only.
+        read = torch.cat([torch.zeros(1, dtype=torch.long), torch.arange(num_image, num_image + num_text)]).to(tokens.device)
+        queries_in = self._branches(tokens[:, read], selection[:, read], types[read], with_negative)  # [br·B, 1+L, w]
+        branches = 2 if with_negative else 1
+        mask = text_mask.repeat(branches, 1)  # [br·B, L]
+        attend = torch.cat([torch.ones(mask.shape[0], num_image, dtype=torch.bool, device=mask.device), mask != 0], dim=1)
+        fused = self._attend(queries_in, F.linear(queries_in, w_q, b_q), kv, attend[:, None, None, :])  # [br·B, 1+L, w]
+        combined = torch.cat([masked_mean(fused[:, 1:], mask), fused[:, 0]], dim=-1)  # c [br·B, 2w]
+        dynamic = self.dynamic_scalar(combined)  # λ [br·B, 1]
         residual = self.output_layer(F.relu(self.combiner_layer(combined)))
         text_embed = text_embed.repeat(branches, 1)
         ref_embed = ref_embed.repeat(branches, 1)
         query = OUTPUT_SCALE * residual + dynamic * text_embed + (1 - dynamic) * ref_embed
-        return F.normalize(query, dim=-1)  # [branches·B, D]
+        return F.normalize(query, dim=-1)  # [br·B, D]
 
     def compose(
         self,

@@ -1,0 +1,111 @@
+"""Speed and memory benchmark of SSN training and retrieval (issue 7).
+
+Examples::
+
+    python benchmark.py                                                  # tiny config, batch 64, CPU
+    python benchmark.py --clip_model_name ViT-B-32 --pretrained none --batch_size 32 --steps 3
+    python benchmark.py --skip_step --skip_head --retrieval_gallery 1000000 --retrieval_queries 1000 [--faiss hnsw]
+
+Every time is a median over interleaved repetitions (SSN and baseline alternate), so machine noise
+falls on both alike.  Speed targets are printed next to the figures; nothing here asserts them.
+"""
+from __future__ import annotations
+
+import argparse
+import platform
+from collections.abc import Sequence
+
+import torch
+
+from benchmarks.common import format_bytes
+from benchmarks.head import VIT_B32_SHAPES, run_head_benchmark
+from benchmarks.retrieval import run_retrieval_benchmark
+from benchmarks.step import run_step_benchmark
+
+HEAD_RATIO_TARGET = 0.4
+HEAD_OVERHEAD_TARGET = 0.05
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--clip_model_name", default="ViT-Tiny-P8-32", help="open_clip model name")
+    parser.add_argument("--pretrained", default="none", help="open_clip pretrained tag or file; 'none' = random weights")
+    parser.add_argument("--batch_size", type=int, default=64)
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1")
+    parser.add_argument("--steps", type=int, default=5, help="timed repetitions per measurement (after one warm-up)")
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
+    parser.add_argument("--rank_gallery_size", type=int, default=2265, help="gallery size for queries ranked/s (CIRR val: 2265)")
+    parser.add_argument("--skip_step", action="store_true", help="skip the training-step / inference benchmark")
+    parser.add_argument("--skip_head", action="store_true", help="skip the head-only comparison with the official head")
+    parser.add_argument("--head_batch_size", type=int, default=32)
+    parser.add_argument("--head_steps", type=int, default=None, help="repetitions of the head comparison (default: 2·steps)")
+    parser.add_argument("--retrieval_gallery", type=int, default=0, help="gallery size of the large-scale retrieval run; 0 = skip")
+    parser.add_argument("--retrieval_queries", type=int, default=1000)
+    parser.add_argument("--retrieval_dim", type=int, default=512)
+    parser.add_argument("--retrieval_k", type=int, default=50)
+    parser.add_argument("--retrieval_dtype", choices=("float32", "float16"), default="float32", help="gallery storage")
+    parser.add_argument("--retrieval_chunk_size", type=int, default=4096)
+    parser.add_argument("--faiss", choices=("flat", "hnsw"), default=None, help="also search with FAISS and report its recall vs exact")
+    parser.add_argument("--seed", type=int, default=0)
+    return parser
+
+
+def _machine(device: torch.device) -> str:
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
+    return f"{device.type} ({name}), {torch.get_num_threads()} threads, torch {torch.__version__}, Python {platform.python_version()}"
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, object]:
+    """Run the selected benchmarks, print a report and return the raw results."""
+    args = build_parser().parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    pretrained = None if str(args.pretrained).lower() in ("", "none") else args.pretrained
+    results: dict[str, object] = {}
+    print(f"machine: {_machine(device)}")
+
+    if not args.skip_step:
+        step = run_step_benchmark(args.clip_model_name, pretrained, args.batch_size, args.steps, device, args.rank_gallery_size, args.seed)
+        results["step"] = step
+        memory = "CUDA max allocated" if device.type == "cuda" else "peak RSS"
+        print(f"\n== training step: {args.clip_model_name} ({args.pretrained}), batch {args.batch_size}, "
+              f"median of {args.steps} interleaved steps")
+        print(f"SSN step            {step.ssn_step_s:8.3f} s   {step.ssn_triplets_per_s:8.2f} triplets/s")
+        print(f"backbone-only step  {step.backbone_step_s:8.3f} s   {step.backbone_triplets_per_s:8.2f} triplets/s")
+        print(f"SSN head overhead   {100 * step.head_overhead:+7.1f} %   (target <= {100 * HEAD_OVERHEAD_TARGET:.0f} %)")
+        print(f"{memory}: after SSN warm-up {format_bytes(step.ssn_peak_bytes)}, whole run {format_bytes(step.peak_bytes)}")
+        per = args.batch_size
+        print(f"gallery encoded     SSN {per / step.ssn_gallery_s:8.1f} img/s   backbone {per / step.backbone_gallery_s:8.1f} img/s")
+        print(f"queries ranked      SSN {per / step.ssn_query_s:8.1f} q/s     backbone {per / step.backbone_query_s:8.1f} q/s"
+              f"   (encode + top-50 of {step.rank_gallery_size})")
+
+    if not args.skip_head:
+        repeats = args.head_steps or 2 * args.steps
+        head = run_head_benchmark(batch=args.head_batch_size, repeats=repeats, seed=args.seed)
+        results["head"] = head
+        print(f"\n== SSN head vs official head: forward + backward, batch {args.head_batch_size}, ViT-B/32 shapes "
+              f"{VIT_B32_SHAPES}, median of {repeats}")
+        print(f"outputs and gradients equal (max |diff| {head.max_abs_diff:.2e})")
+        print(f"ours {head.ours_s:.3f} s   official {head.official_s:.3f} s   ratio {head.ratio:.2f}x   "
+              f"(target <= {HEAD_RATIO_TARGET}x)")
+
+    if args.retrieval_gallery:
+        dtype = getattr(torch, args.retrieval_dtype)
+        retrieval = run_retrieval_benchmark(
+            args.retrieval_gallery, args.retrieval_queries, args.retrieval_dim, args.retrieval_k, dtype,
+            args.retrieval_chunk_size, args.faiss, args.seed,
+        )
+        results["retrieval"] = retrieval
+        print(f"\n== exact retrieval: {retrieval.num_queries} queries x {retrieval.gallery_size} gallery "
+              f"(D={retrieval.dim}, {retrieval.dtype} storage), top-{retrieval.k}, chunk {retrieval.chunk_size}")
+        print(f"time {retrieval.seconds:.1f} s ({retrieval.num_queries / retrieval.seconds:.1f} queries/s)   "
+              f"RSS with gallery {format_bytes(retrieval.rss_before_bytes)}   peak RSS {format_bytes(retrieval.peak_rss_bytes)}")
+        if retrieval.faiss_index is not None:
+            print(f"FAISS {retrieval.faiss_index}: build + search {retrieval.faiss_seconds:.1f} s, "
+                  f"recall@{retrieval.k} vs exact {100 * retrieval.faiss_recall:.2f} %")
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Benchmarks behind benchmark.py: training step vs backbone-only step, head vs official head, retrieval at scale."""

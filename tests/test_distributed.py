@@ -1,0 +1,96 @@
+"""Distributed loss: 2 gloo processes with half a batch each equal 1 process with the whole batch.
+
+Each rank computes ``(q⁺, q⁻, t)`` for its half with a shared SSN head, gathers them with
+:func:`distributed.all_gather_with_grad`, takes ``ssn_loss`` on the global batch and backpropagates;
+the gradients are then averaged across ranks as DistributedDataParallel does (sum / world).  Loss and
+averaged gradients must equal those of a single process over the whole batch.
+"""
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from distributed import all_gather_with_grad
+from model import SSNHead, ssn_loss
+
+WORLD_SIZE = 2
+GLOBAL_BATCH = 6
+P, L, D_IMG, W = 5, 4, 24, 16
+
+
+def _head() -> SSNHead:
+    torch.manual_seed(0)
+    return SSNHead(D_IMG, W, W, nhead=2, dim_feedforward=32).eval()  # eval: no dropout, deterministic
+
+
+def _global_inputs() -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(1)
+    text_mask = torch.ones(GLOBAL_BATCH, L)
+    text_mask[1, -1] = 0  # one padded caption
+    return {
+        "ref_tokens": torch.randn(GLOBAL_BATCH, 1 + P, D_IMG, generator=gen),
+        "ref_embed": torch.randn(GLOBAL_BATCH, W, generator=gen),
+        "text_tokens": torch.randn(GLOBAL_BATCH, L, W, generator=gen),
+        "text_embed": torch.randn(GLOBAL_BATCH, W, generator=gen),
+        "text_mask": text_mask,
+        "tgt_tokens": torch.randn(GLOBAL_BATCH, 1 + P, D_IMG, generator=gen),
+        "tgt_embed": torch.randn(GLOBAL_BATCH, W, generator=gen),
+    }
+
+
+def _features(head: SSNHead, x: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    q_pos, q_neg = head.compose(x["ref_tokens"], x["ref_embed"], x["text_tokens"], x["text_embed"], x["text_mask"])
+    return q_pos, q_neg, head.encode_target(x["tgt_tokens"], x["tgt_embed"])
+
+
+def _worker(rank: int, port: int, out_dir: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD_SIZE)
+    try:
+        head = _head()
+        local = GLOBAL_BATCH // WORLD_SIZE
+        x = {k: v[rank * local : (rank + 1) * local] for k, v in _global_inputs().items()}
+        q_pos, q_neg, target = (all_gather_with_grad(f) for f in _features(head, x))
+        loss = ssn_loss(q_pos, q_neg, target)
+        loss.backward()
+        grads = {}
+        for name, param in head.named_parameters():
+            dist.all_reduce(param.grad)  # what DDP does: sum over ranks, then divide by the world size
+            grads[name] = param.grad / WORLD_SIZE
+        torch.save({"loss": loss.detach(), "grads": grads}, Path(out_dir) / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed with gloo")
+def test_two_gloo_processes_match_one_process_with_the_global_batch(tmp_path):
+    # fork (where available) skips re-importing torch and open_clip in every worker, as DataLoader workers do.
+    start_method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
+    mp.start_processes(_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD_SIZE, join=True, start_method=start_method)
+
+    head = _head()
+    reference_loss = ssn_loss(*_features(head, _global_inputs()))
+    reference_loss.backward()
+    for rank in range(WORLD_SIZE):
+        result = torch.load(tmp_path / f"rank{rank}.pt")
+        torch.testing.assert_close(result["loss"], reference_loss.detach(), atol=1e-6, rtol=1e-6)
+        for name, param in head.named_parameters():
+            torch.testing.assert_close(result["grads"][name], param.grad, atol=1e-6, rtol=1e-5, msg=f"gradient of {name}")
+
+
+def test_gather_is_the_identity_without_a_process_group():
+    x = torch.randn(3, 2, requires_grad=True)
+    assert all_gather_with_grad(x) is x
