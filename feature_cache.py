@@ -13,6 +13,7 @@ import io
 import json
 import logging
 import os
+import pickle
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
@@ -33,6 +34,15 @@ def checkpoint_identity(checkpoint_path: str | os.PathLike) -> str:
         for block in iter(lambda: f.read(_HASH_BLOCK), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def file_list_identity(files: Sequence[Path]) -> str:
+    """Hash of every file's resolved path, size and modification time: a rewritten image changes it."""
+    identities = []
+    for path in files:
+        stat = Path(path).stat()
+        identities.append([str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns])
+    return hashlib.sha256(json.dumps(identities).encode()).hexdigest()
 
 
 def cache_key(
@@ -76,11 +86,15 @@ def cached_gallery_features(
     names = list(names)
     path = Path(cache_dir) / f"gallery_{cache_key(checkpoint_id, split, names, method, extra)}.pt"
     if path.is_file():
-        entry = torch.load(path, map_location="cpu", weights_only=True)
-        if entry["names"] == names:
-            _logger.info("gallery features for %s (%s) loaded from %s", split, method, path)
-            return entry["names"], entry["features"]
-        _logger.warning("cache entry %s holds another gallery; re-encoding", path)
+        try:
+            entry = torch.load(path, map_location="cpu", weights_only=True)
+        except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as error:
+            _logger.warning("%s: unreadable feature cache entry (%s); re-encoding", path, error)
+        else:
+            if isinstance(entry, dict) and entry.get("names") == names and len(entry.get("features", ())) == len(names):
+                _logger.info("gallery features for %s (%s) loaded from cache %s", split, method, path)
+                return entry["names"], entry["features"]
+            _logger.warning("cache entry %s holds another gallery; re-encoding", path)
     computed_names, features = compute()
     if list(computed_names) != names:
         raise ValueError(f"compute() returned {len(computed_names)} names that differ from the {len(names)} expected for {split}")
@@ -88,5 +102,5 @@ def cached_gallery_features(
     torch.save({"names": names, "features": features.detach().cpu().contiguous()}, buffer)
     path.parent.mkdir(parents=True, exist_ok=True)
     utils.atomic_write_bytes(path, buffer.getvalue())
-    _logger.info("gallery features for %s (%s) cached in %s", split, method, path)
+    _logger.info("gallery features for %s (%s) computed and cached in %s", split, method, path)
     return names, features

@@ -3,9 +3,9 @@
     python retrieve.py --checkpoint runs/cirr_x/checkpoints/best.pt --reference ref.png \\
         --text "make the circle blue" --gallery_dir photos/ --top_k 10 [--grid out.png]
 
-Prints the top-k gallery paths with their cosine scores. The gallery features are cached on disk, keyed
-by the checkpoint file (path, size, mtime) and the gallery's file list (paths, sizes, mtimes), so the
-next query against the same folder only encodes the query.
+Prints the top-k gallery paths with their cosine scores. The gallery features are cached on disk
+(feature_cache.py), keyed by the checkpoint's content and the gallery's files (paths, sizes, mtimes), so
+the next query against the same folder only encodes the query.
 """
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ import torch
 import utils
 import visualize
 from data_utils import load_image
+from feature_cache import cached_gallery_features, checkpoint_identity, file_list_identity
 from distributed import init_distributed
 from precision import PRECISIONS, effective_precision
 from training import encode_gallery, load_trained_model
@@ -51,13 +52,13 @@ def main(argv: Sequence[str] | None = None) -> list[tuple[Path, float]]:
     files = visualize.list_gallery_images(args.gallery_dir)
     trained = load_trained_model(args.checkpoint, device)
 
-    def compute() -> torch.Tensor:
-        gallery = visualize.ImageFolderGallery(files, trained.transform)
-        return encode_gallery(trained.model, gallery, device, precision, "ssn", args.batch_size, args.num_workers)[1]
-
-    key = visualize.gallery_cache_key(args.checkpoint, files)
-    gallery_feats, cache_file, hit = visualize.cached_gallery_features(args.cache_dir, key, files, compute)
-    logger.info("gallery features (%d images) %s %s", len(files), "loaded from cache" if hit else "computed and cached in", cache_file)
+    gallery = visualize.ImageFolderGallery(files, trained.transform)
+    _, gallery_feats = cached_gallery_features(
+        args.cache_dir, checkpoint_identity(args.checkpoint), str(Path(args.gallery_dir).resolve()),
+        [str(f) for f in files], "ssn",
+        lambda: encode_gallery(trained.model, gallery, device, precision, "ssn", args.batch_size, args.num_workers),
+        extra={"files": file_list_identity(files), "precision": precision},
+    )
 
     reference_image = trained.transform(reference)[None].to(device)
     with torch.no_grad():

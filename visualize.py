@@ -14,13 +14,11 @@ canvas directly, so nothing here needs a display or changes matplotlib's global 
 """
 from __future__ import annotations
 
-import hashlib
 import html
 import io
 import json
 import logging
 import os
-import pickle
 import platform
 import re
 import sys
@@ -67,8 +65,6 @@ __all__ = [
     "IMAGE_EXTENSIONS",
     "list_gallery_images",
     "ImageFolderGallery",
-    "gallery_cache_key",
-    "cached_gallery_features",
 ]
 
 _logger = logging.getLogger("cir.visualize")
@@ -762,44 +758,3 @@ class ImageFolderGallery(Dataset):
 
     def image_path(self, name: str) -> Path:
         return Path(name)
-
-
-def _file_identity(path: Path) -> list[Any]:
-    stat = path.stat()
-    return [str(path.resolve()), stat.st_size, stat.st_mtime_ns]
-
-
-def gallery_cache_key(checkpoint: str | os.PathLike, files: Sequence[Path]) -> str:
-    """Hash of the checkpoint's identity (path, size, mtime) and every gallery file's identity.
-
-    A retrained checkpoint, or an added, removed or rewritten image, gives a new key.
-    """
-    identity = {"checkpoint": _file_identity(Path(checkpoint)), "files": [_file_identity(f) for f in files]}
-    return hashlib.sha256(json.dumps(identity).encode("utf-8")).hexdigest()[:32]
-
-
-def cached_gallery_features(
-    cache_dir: str | os.PathLike, key: str, files: Sequence[Path], compute: Callable[[], Tensor],
-) -> tuple[Tensor, Path, bool]:
-    """Gallery features from ``<cache_dir>/gallery-<key>.pt``, or ``compute()``-d and stored there.
-
-    Returns (features [G, D], cache file, whether it was a cache hit). An unreadable or inconsistent
-    cache file is recomputed with a warning.
-    """
-    path = Path(cache_dir) / f"gallery-{key}.pt"
-    names = [str(f) for f in files]
-    if path.is_file():
-        try:
-            cached = torch.load(path, map_location="cpu", weights_only=True)
-        except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as error:
-            _logger.warning("%s: unreadable feature cache (%s); recomputing", path, error)
-        else:
-            if isinstance(cached, dict) and cached.get("names") == names and cached["features"].shape[0] == len(names):
-                return cached["features"], path, True
-            _logger.warning("%s: cache does not match the gallery; recomputing", path)
-    features = compute()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    buffer = io.BytesIO()
-    torch.save({"names": names, "features": features}, buffer)
-    utils.atomic_write_bytes(path, buffer.getvalue())
-    return features, path, False

@@ -226,7 +226,7 @@ def test_retrieve_prints_top_k_and_caches(tmp_path: Path, run: Path, monkeypatch
     assert [s for _, s in first] == sorted((s for _, s in first), reverse=True)
     with Image.open(tmp_path / "query.png") as image:
         assert image.size == visualize.GridLayout(top_k=5).size(1)
-    assert len(list((tmp_path / "cache").glob("gallery-*.pt"))) == 1
+    assert len(list((tmp_path / "cache").glob("gallery_*.pt"))) == 1
 
     def no_encoding(*args, **kwargs):
         raise AssertionError("the gallery was encoded again")
