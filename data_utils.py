@@ -14,7 +14,10 @@ instead of hours into training. Images that turn out to be unreadable later also
 The ``make_synthetic_*`` functions write small datasets in exactly the real layouts. Their images
 are 2x2 grids of coloured shapes and their captions describe edits ("make the circle blue and
 remove the square"), so a model has to compose image and text to find the target; the galleries
-hold hard negatives (partial edits, wrong colours, the reference itself).
+hold hard negatives (partial edits, wrong colours, the reference itself). The evaluation splits
+also get ``image_captions/*.json``: several noisy descriptions per gallery image, in the style of
+the BLIP-2 caption files that zero-shot methods such as CVSI precompute (see
+:func:`write_caption_file`).
 
 Command line: ``python data_utils.py synth --dataset all --out DIR --seed 0``.
 """
@@ -28,6 +31,7 @@ import random
 import struct
 import sys
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -48,10 +52,15 @@ __all__ = [
     "CIRRDataset",
     "FashionIQDataset",
     "CIRCODataset",
+    "SkippedSample",
+    "SkipBadSamples",
     "collate_batch",
     "make_synthetic_cirr",
     "make_synthetic_fashioniq",
     "make_synthetic_circo",
+    "SYNTHETIC_CAPTIONS_PER_IMAGE",
+    "CAPTIONS_DIR",
+    "write_caption_file",
     "main",
 ]
 
@@ -117,6 +126,8 @@ def read_json(path: str | Path) -> Any:
         raise DataError(
             f"{path}: malformed JSON at line {error.lineno}, column {error.colno}: {error.msg}"
         ) from error
+    except (ValueError, RecursionError) as error:  # e.g. a 5000-digit number, "[[[[..." nested too deeply
+        raise DataError(f"{path}: JSON cannot be parsed ({type(error).__name__}: {error})") from None
 
 
 class _Problems:
@@ -608,14 +619,49 @@ class CIRCODataset(_CIRDataset):
                 "semantic_aspects": list(query.get("semantic_aspects", []))}
 
 
-def collate_batch(batch: list[dict[str, Any]]) -> dict[str, Any]:
+@dataclass(frozen=True)
+class SkippedSample:
+    """Stands in for a dataset item that could not be read (see :class:`SkipBadSamples`)."""
+
+    index: int
+    error: str
+
+
+class SkipBadSamples(Dataset):
+    """Wrap a dataset so that an item raising :class:`DataError` becomes a :class:`SkippedSample`.
+
+    :func:`collate_batch` moves the markers out of the batch into ``batch["skipped_samples"]``, so
+    the training loop can count, log and report every skipped sample; nothing is dropped silently.
+    Only :class:`DataError` (an unreadable image, named in the message) is caught.
+    """
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, index: int) -> dict[str, Any] | SkippedSample:
+        try:
+            return self.dataset[index]
+        except DataError as error:
+            return SkippedSample(int(index), str(error))
+
+
+def collate_batch(batch: list[dict[str, Any] | SkippedSample]) -> dict[str, Any]:
     """Collate dataset items: tensors are stacked, everything else becomes a per-sample list.
 
     Unlike ``default_collate``, list-valued fields (``members``, ``gt_names``, ...) stay one list
-    per sample instead of being transposed, and ints stay Python ints.
+    per sample instead of being transposed, and ints stay Python ints.  :class:`SkippedSample`
+    markers are left out of the fields and listed under ``"skipped_samples"`` (a batch of markers
+    only collates to that key alone).
     """
     if not batch:
         raise ValueError("cannot collate an empty batch")
+    skipped = [item for item in batch if isinstance(item, SkippedSample)]
+    if skipped:
+        items = [item for item in batch if not isinstance(item, SkippedSample)]
+        return {**(collate_batch(items) if items else {}), "skipped_samples": skipped}
     keys = list(batch[0])
     for item in batch[1:]:
         if list(item) != keys:
@@ -843,6 +889,77 @@ def _single_edit_links(members: Sequence[Scene]) -> list[tuple[int, int, Edit]]:
                     links.append((a, b, edit))
     return links
 
+# Image captions: what a captioner such as BLIP-2 would say about each image, N per image, with
+# a captioner's typical noise (an object missed, a colour got wrong, varied wording).
+SYNTHETIC_CAPTIONS_PER_IMAGE = 15
+CAPTIONS_DIR = "image_captions"
+_CAPTION_MISS_RATE = 0.15  # per caption: one object left out (scenes with 2+ objects)
+_CAPTION_COLOUR_ERROR_RATE = 0.1  # per caption: one object described with a wrong colour
+_SCENE_TEMPLATES = ("{}", "a picture of {}", "{} on a white background", "an image showing {}",
+                    "a drawing of {}")
+
+
+def _caption_rng(seed: int) -> np.random.Generator:
+    """A stream of its own, so that captions leave the images and annotations unchanged."""
+    return np.random.default_rng([seed, 0xCA])
+
+
+def _article(word: str) -> str:
+    return "an" if word[0] in "aeiou" else "a"
+
+
+def _join_phrases(phrases: Sequence[str]) -> str:
+    return phrases[0] if len(phrases) == 1 else ", ".join(phrases[:-1]) + " and " + phrases[-1]
+
+
+def _scene_captions(rng: np.random.Generator, scene: Scene,
+                    count: int = SYNTHETIC_CAPTIONS_PER_IMAGE) -> list[str]:
+    """``count`` noisy descriptions of a scene, e.g. "a picture of a red circle and a blue square"."""
+    objects = [cell for cell in scene if cell is not None]
+    colours = list(COLOURS)
+    captions = []
+    for _ in range(count):
+        described = [objects[i] for i in rng.permutation(len(objects))]
+        if len(described) > 1 and rng.random() < _CAPTION_MISS_RATE:
+            described.pop(int(rng.integers(len(described))))
+        if rng.random() < _CAPTION_COLOUR_ERROR_RATE:
+            wrong = int(rng.integers(len(described)))
+            described[wrong] = (described[wrong][0], colours[rng.integers(len(colours))])
+        phrases = [f"{_article(colour)} {colour} {shape}" for shape, colour in described]
+        template = _SCENE_TEMPLATES[rng.integers(len(_SCENE_TEMPLATES))]
+        captions.append(template.format(_join_phrases(phrases)))
+    return captions
+
+
+def _garment_captions(rng: np.random.Generator, category: str, garment: Garment,
+                      count: int = SYNTHETIC_CAPTIONS_PER_IMAGE) -> list[str]:
+    """``count`` noisy descriptions of a garment, e.g. "a long blue dress with white stripes"."""
+    colour, pattern, pattern_colour, length = garment
+    noun = {"dress": "dress", "shirt": "shirt", "toptee": "top"}[category]
+    colours = list(COLOURS)
+    captions = []
+    for _ in range(count):
+        said_colour = colour
+        if rng.random() < _CAPTION_COLOUR_ERROR_RATE:
+            said_colour = colours[rng.integers(len(colours))]
+        words = [length] if rng.random() < 0.5 else []
+        words = [*words, said_colour, noun]
+        text = " ".join([_article(words[0]), *words])
+        if pattern != "plain" and rng.random() >= _CAPTION_MISS_RATE:
+            text += f" with {pattern_colour} {pattern}s" if pattern != "stripe" else \
+                f" with {pattern_colour} stripes"
+        template = ("{}", "a woman wearing {}", "{} on a plain background")[rng.integers(3)]
+        captions.append(template.format(text))
+    return captions
+
+
+def write_caption_file(path: str | Path, captions: dict[str, list[str]]) -> None:
+    """Write image captions as the CVSI release stores its precomputed BLIP-2 captions (there as a
+    pickle): ``{"index_names": [name, ...], "target_captions": [[caption, ...], ...]}``, the two
+    lists aligned."""
+    _write_json(Path(path), {"index_names": list(captions),
+                             "target_captions": [list(c) for c in captions.values()]})
+
 
 _CIRR_BACKGROUND = (235, 235, 235)
 # Consecutive rejected draws after which a generator gives up instead of looping forever.
@@ -851,13 +968,17 @@ _CIRR_PREFIX = {"train": "train", "val": "dev", "test1": "test1"}
 
 
 def _cirr_split(rng: np.random.Generator, split: str, num_triplets: int, extra_per_set: int,
-                root: Path, image_size: int) -> None:
-    """Write one CIRR split: sets of 6 similar images, each giving 1 + extra triplets."""
+                root: Path, image_size: int) -> dict[str, Scene]:
+    """Write one CIRR split: sets of 6 similar images, each giving 1 + extra triplets.
+
+    Returns the scene of every image written, by image name.
+    """
     prefix = _CIRR_PREFIX[split]
     # Gallery splits need unique scenes so that each query has exactly one correct image.
     used: set[Scene] = set()
     unique = split != "train"
     split_map: dict[str, str] = {}
+    scenes: dict[str, Scene] = {}
     triplets: list[dict] = []
     set_id = failures = 0
     while len(triplets) < num_triplets:
@@ -899,11 +1020,13 @@ def _cirr_split(rng: np.random.Generator, split: str, num_triplets: int, extra_p
         for name, scene in zip(names, members):
             folder = f"./train/{set_id // 10}" if split == "train" else f"./{prefix}"
             split_map[name] = f"{folder}/{name}.png"
+            scenes[name] = scene
             _save_png(_render_scene(scene, image_size, _CIRR_BACKGROUND), root / split_map[name])
         used.update(members)
         set_id += 1
     _write_json(root / "cirr" / "captions" / f"cap.rc2.{split}.json", triplets)
     _write_json(root / "cirr" / "image_splits" / f"split.rc2.{split}.json", split_map)
+    return scenes
 
 
 def make_synthetic_cirr(root: str | Path, seed: int = 0, num_train: int = 2400, num_val: int = 300,
@@ -913,14 +1036,20 @@ def make_synthetic_cirr(root: str | Path, seed: int = 0, num_train: int = 2400, 
     Each image set holds a reference, its edited target and 4 hard negatives (partial edits,
     wrong colours, other shapes changed); every set yields 1-3 triplets whose captions are edit
     instructions. Val and test1 galleries contain each scene once. Deterministic in ``seed``.
+    Image captions are written for val and test1: ``image_captions/{val,test1}.json``.
     """
     out = Path(root) / "cirr_dataset"
     rng = np.random.default_rng(seed)
     # Train sets yield up to 3 triplets (more reuse), gallery splits 2 (more distinct sets).
     splits = (("train", num_train, 2), ("val", num_val, 1), ("test1", num_test, 1))
+    caption_rng = _caption_rng(seed)
     for split, count, extra in splits:
         split_rng = np.random.default_rng(rng.integers(2**63))
-        _cirr_split(split_rng, split, count, extra, out, image_size)
+        scenes = _cirr_split(split_rng, split, count, extra, out, image_size)
+        if split != "train":  # zero-shot methods caption the evaluation galleries only
+            write_caption_file(out / CAPTIONS_DIR / f"{split}.json",
+                               {name: _scene_captions(caption_rng, scene)
+                                for name, scene in scenes.items()})
     return out
 
 
@@ -1002,9 +1131,9 @@ def _describe(garment: Garment, attribute: str, paraphrase: bool) -> str:
 
 
 def _fiq_split(rng: np.random.Generator, category: str, split: str, code: str, num_triplets: int,
-               root: Path, image_size: int, with_target: bool) -> None:
+               root: Path, image_size: int, with_target: bool) -> dict[Garment, str]:
     """Write one category/split. Each distinct garment gets one id, so galleries never hold
-    duplicates and images are shared between triplets."""
+    duplicates and images are shared between triplets. Returns the image id of every garment."""
     ids: dict[Garment, str] = {}
 
     def image_id(garment: Garment) -> str:
@@ -1043,6 +1172,7 @@ def _fiq_split(rng: np.random.Generator, category: str, split: str, code: str, n
         triplets.append(entry)
     _write_json(root / "captions" / f"cap.{category}.{split}.json", triplets)
     _write_json(root / "image_splits" / f"split.{category}.{split}.json", list(ids.values()))
+    return ids
 
 
 def make_synthetic_fashioniq(root: str | Path, seed: int = 0, num_train_per_category: int = 600,
@@ -1054,16 +1184,22 @@ def make_synthetic_fashioniq(root: str | Path, seed: int = 0, num_train_per_cate
     colour, print (plain, circles, squares, triangles, stripes; white or black) and length; a
     triplet changes 1 or 2 attributes and has two captions describing the target ("is blue",
     "has a white circle print"). Test caption files have no targets, as in the real release.
+    Image captions are written for val and test: ``image_captions/{category}.{split}.json``.
     """
     out = Path(root) / "fashion-iq"
     rng = np.random.default_rng(seed)
     splits = (("train", "R", num_train_per_category), ("val", "V", num_val_per_category),
               ("test", "E", num_test_per_category))
+    caption_rng = _caption_rng(seed)
     for category in _FIQ_CATEGORIES:
         for split, split_code, count in splits:
             code = f"{category[0].upper()}{split_code}"
-            _fiq_split(np.random.default_rng(rng.integers(2**63)), category, split, code, count,
-                       out, image_size, with_target=split != "test")
+            ids = _fiq_split(np.random.default_rng(rng.integers(2**63)), category, split, code,
+                             count, out, image_size, with_target=split != "test")
+            if split != "train":
+                write_caption_file(out / CAPTIONS_DIR / f"{category}.{split}.json",
+                                   {image_id: _garment_captions(caption_rng, category, garment)
+                                    for garment, image_id in ids.items()})
     return out
 
 
@@ -1108,7 +1244,8 @@ def make_synthetic_circo(root: str | Path, seed: int = 0, num_val: int = 120, nu
     (so each query has several); ``target_img_id`` is the first of them. The gallery (JPEG files
     named like COCO unlabeled2017) also holds each reference and hard negatives, and is topped
     up with random scenes to ``gallery_size`` images. Val and test share the gallery; test
-    annotations have no targets, as in the real release.
+    annotations have no targets, as in the real release. Image captions of the whole gallery
+    are written to ``image_captions/unlabeled2017.json`` (image ids as names).
     """
     out = Path(root) / "CIRCO"
     rng = np.random.default_rng(seed)
@@ -1153,6 +1290,10 @@ def make_synthetic_circo(root: str | Path, seed: int = 0, num_val: int = 120, nu
         _render_scene(scenes[position], image_size, _CIRCO_BACKGROUND).save(path, quality=95)
     _write_json(out / "COCO2017_unlabeled" / "annotations" / "image_info_unlabeled2017.json",
                 {"info": {"description": "synthetic COCO 2017 unlabeled"}, "images": images})
+    caption_rng = _caption_rng(seed)
+    write_caption_file(out / CAPTIONS_DIR / "unlabeled2017.json",
+                       {str(ids[position]): _scene_captions(caption_rng, scenes[position])
+                        for position in order})
 
     by_objects: dict[frozenset, list[int]] = {}
     for position in order:  # gallery order, so ground truths are listed consistently

@@ -10,21 +10,27 @@ import logging
 import math
 import os
 import random
+import signal
+import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Sequence
+from types import FrameType
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm import tqdm
 
 import utils
-from data_utils import CIRRDataset, FashionIQDataset, build_transform, collate_batch
+import visualize
+from data_utils import CIRRDataset, DataError, FashionIQDataset, SkipBadSamples, SkippedSample, build_transform, collate_batch
 from distributed import DistributedEnv, init_distributed
 from model import SSNModel, build_ssn_model, check_model_config, ssn_loss_terms, ssn_model_from_checkpoint
+from model.ssn_model import check_state_dict
 from precision import PRECISIONS, autocast, effective_precision, grad_scaler
 
 FIQ_CATEGORIES = ("dress", "shirt", "toptee")
@@ -70,20 +76,104 @@ def retrieval_sets(
 
 def make_loader(
     dataset: Dataset, batch_size: int, num_workers: int, device: torch.device, shuffle: bool = False,
-    drop_last: bool = False, generator: torch.Generator | None = None,
+    drop_last: bool = False, generator: torch.Generator | None = None, sampler: Sampler[int] | None = None,
+    worker_init_fn: Callable[[int], None] = utils.seed_worker,
 ) -> DataLoader:
     return DataLoader(
         dataset,
         batch_size=batch_size,
         shuffle=shuffle,
+        sampler=sampler,
         drop_last=drop_last,
         num_workers=num_workers,
         pin_memory=device.type == "cuda",
         persistent_workers=num_workers > 0 and shuffle,
         collate_fn=collate_batch,
-        worker_init_fn=utils.seed_worker,
+        worker_init_fn=worker_init_fn,
         generator=generator,
     )
+
+
+class ResumableSampler(Sampler[int]):
+    """Seeded per-epoch permutation of a dataset, sharded over replicas, that can start mid-epoch.
+
+    Epoch ``e`` visits ``randperm(num_samples)`` drawn from a generator seeded with ``seed + e``, so
+    the order of an epoch depends only on the seed and the epoch, never on resumes.  The permutation
+    is cut to a multiple of ``num_replicas`` (as ``DistributedSampler(drop_last=True)`` does) and rank
+    ``r`` takes every ``num_replicas``-th index from position ``r``; each rank then yields whole
+    batches of ``batch_size`` only (the tail is dropped), so every rank runs the same number of steps.
+    :meth:`set_epoch` with ``start_step`` skips the batches an interrupted run already trained on.
+
+    Args:
+        num_samples: length of the dataset.
+        batch_size: per-rank batch size (the DataLoader's).
+        seed: base seed of the permutations.
+        num_replicas, rank: data-parallel world size and this process's rank.
+    """
+
+    def __init__(self, num_samples: int, batch_size: int, seed: int = 0, num_replicas: int = 1, rank: int = 0) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if not 0 <= rank < num_replicas:
+            raise ValueError(f"rank {rank} is not in [0, {num_replicas})")
+        self.num_samples = num_samples
+        self.batch_size = batch_size
+        self.seed = seed
+        self.num_replicas = num_replicas
+        self.rank = rank
+        self.epoch = 0
+        self.start_step = 0
+
+    @property
+    def steps_per_epoch(self) -> int:
+        """Full batches per rank and epoch."""
+        return self.num_samples // self.num_replicas // self.batch_size
+
+    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
+        """Iterate epoch ``epoch`` from its batch ``start_step`` on (0 = the whole epoch)."""
+        if not 0 <= start_step <= self.steps_per_epoch:
+            raise ValueError(f"start_step {start_step} is not in [0, {self.steps_per_epoch}]")
+        self.epoch, self.start_step = epoch, start_step
+
+    def epoch_indices(self) -> list[int]:
+        """This rank's indices for the whole current epoch, in visiting order."""
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        order = torch.randperm(self.num_samples, generator=generator)
+        per_rank = self.num_samples // self.num_replicas
+        shard = order[: per_rank * self.num_replicas][self.rank :: self.num_replicas]
+        return shard[: self.steps_per_epoch * self.batch_size].tolist()
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.epoch_indices()[self.start_step * self.batch_size :])
+
+    def __len__(self) -> int:
+        return (self.steps_per_epoch - self.start_step) * self.batch_size
+
+    def state_dict(self) -> dict[str, int]:
+        """Where the sampler stands (stored in checkpoints, checked on resume)."""
+        return {"seed": self.seed, "num_samples": self.num_samples, "batch_size": self.batch_size,
+                "num_replicas": self.num_replicas, "epoch": self.epoch, "start_step": self.start_step}
+
+
+def loader_seed(seed: int, epoch: int, step: int) -> int:
+    """Seed of the training DataLoader's generator for an epoch entered at batch ``step``.
+
+    The generator only seeds DataLoader workers (the order comes from :class:`ResumableSampler`), so
+    worker randomness is a function of (seed, epoch, step) and not of when the process started.
+    """
+    return int(np.random.SeedSequence([seed, epoch, step]).generate_state(1)[0])
+
+
+def train_worker_init(worker_id: int) -> None:
+    """Training DataLoader workers: seed as :func:`utils.seed_worker` and ignore SIGINT / SIGTERM.
+
+    Ctrl-C and schedulers signal the whole process group; the main process turns the signal into a
+    checkpoint at the next step (see :class:`PreemptionHandler`), which needs the workers alive until
+    it shuts them down.  Workers still exit when the main process dies (DataLoader's watchdog).
+    """
+    utils.seed_worker(worker_id)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 # ---------------------------------------------------------------------------------------------- evaluation
@@ -145,15 +235,125 @@ def evaluate(
 # ---------------------------------------------------------------------------------------------- training
 @dataclass
 class TrainState:
+    """Progress of a run; everything here goes into checkpoints."""
+
     epoch: int = 0  # epochs completed
-    global_step: int = 0
+    global_step: int = 0  # batches consumed over the run (skipped steps included)
+    step_in_epoch: int = 0  # batches of the current epoch consumed
+    epoch_loss_sum: float = 0.0  # sum over the current epoch's trained triplets of their loss
+    epoch_samples: int = 0  # triplets trained on in the current epoch
     best_metric: float = -math.inf
     best_metrics: dict[str, float] | None = None
     nonfinite_steps: int = 0  # consecutive steps with a non-finite loss or gradient
+    bad_samples: list[dict[str, Any]] = field(default_factory=list)  # samples skipped (--skip_bad_samples)
+
+    @classmethod
+    def from_checkpoint(cls, checkpoint: dict[str, Any]) -> "TrainState":
+        """The state saved by :func:`checkpoint_state` (format 1 checkpoints resume at an epoch start)."""
+        return cls(
+            epoch=checkpoint["epoch"],
+            global_step=checkpoint["global_step"],
+            step_in_epoch=checkpoint.get("step_in_epoch", 0),
+            epoch_loss_sum=checkpoint.get("epoch_loss_sum", 0.0),
+            epoch_samples=checkpoint.get("epoch_samples", 0),
+            best_metric=checkpoint["best_metric"],
+            best_metrics=checkpoint["best_metrics"] or None,
+            bad_samples=list(checkpoint.get("bad_samples", [])),
+        )
+
+    def end_epoch(self) -> float:
+        """Close the current epoch; returns its mean loss per trained triplet."""
+        mean_loss = self.epoch_loss_sum / max(self.epoch_samples, 1)
+        self.epoch += 1
+        self.step_in_epoch, self.epoch_loss_sum, self.epoch_samples = 0, 0.0, 0
+        return mean_loss
 
 
 class NonFiniteLossError(RuntimeError):
-    pass
+    """The loss or the gradients stayed non-finite for ``--max_nonfinite_steps`` consecutive steps."""
+
+
+class BadSampleLog:
+    """Training samples skipped under ``--skip_bad_samples``: each is logged, counted and listed in a JSON file.
+
+    The file (``{"count": n, "samples": [{"epoch", "step", "index", "error"}, ...]}``) is rewritten
+    atomically whenever a sample is skipped, so it is complete even if the run is killed.
+    """
+
+    def __init__(self, path: Path, records: list[dict[str, Any]]) -> None:
+        """``records``: the list to extend, normally ``TrainState.bad_samples`` so checkpoints carry it."""
+        self.path = path
+        self.records = records
+
+    def add(self, skipped: Sequence[SkippedSample], epoch: int, step: int) -> None:
+        for sample in skipped:
+            _logger.warning("skipping training sample %d (epoch %d, step %d): %s", sample.index, epoch + 1, step, sample.error)
+            self.records.append({"epoch": epoch, "step": step, "index": sample.index, "error": sample.error})
+        self.write()
+
+    def write(self) -> None:
+        utils.atomic_write_json(self.path, {"count": len(self.records), "samples": self.records})
+
+
+def _gradient_norm(model: nn.Module) -> torch.Tensor:
+    """Total 2-norm of the gradients (non-finite if any gradient is)."""
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    return torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
+
+
+def _train_step(
+    model: SSNModel, batch: dict[str, Any], optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+    state: TrainState, device: torch.device, precision: str, kl_weight: float, grad_clip: float | None,
+    max_nonfinite_steps: int,
+) -> dict[str, torch.Tensor] | None:
+    """One optimisation step; returns the loss terms, or None if the step was skipped as non-finite.
+
+    fp32: a non-finite loss or gradient norm skips the optimiser step.  fp16 AMP: the GradScaler skips
+    steps whose gradients overflowed and lowers its scale; a lowered scale (or a non-finite loss) counts
+    as a skipped step.  ``max_nonfinite_steps`` consecutive skips raise :class:`NonFiniteLossError`;
+    the weights and optimiser state are never updated by a skipped step.
+    """
+    reference = batch["reference_image"].to(device, non_blocking=True)
+    target = batch["target_image"].to(device, non_blocking=True)
+    token_ids = model.backbone.tokenize(batch["caption"]).to(device)
+    optimizer.zero_grad(set_to_none=True)
+    with autocast(precision, device):
+        q_pos, q_neg, target_features = model(reference, target, token_ids)
+    # The loss in fp32: scale-100 logits and their softmax are where fp16 loses precision.
+    terms = ssn_loss_terms(q_pos.float(), q_neg.float(), target_features.float(), kl_weight=kl_weight)
+    loss = terms["loss"]
+    scaler.scale(loss).backward()
+    if grad_clip:
+        scaler.unscale_(optimizer)
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    elif not scaler.is_enabled():
+        grad_norm = _gradient_norm(model)  # with AMP the scaler checks the gradients itself
+    else:
+        grad_norm = None
+    finite = bool(torch.isfinite(loss)) and (grad_norm is None or bool(torch.isfinite(grad_norm)))
+    if scaler.is_enabled():
+        scale = scaler.get_scale()
+        scaler.step(optimizer)  # skipped by the scaler when the unscaled gradients hold inf / NaN
+        scaler.update()
+        stepped = finite and scaler.get_scale() >= scale  # the scale only drops after an overflow
+    else:
+        if finite:
+            optimizer.step()
+        stepped = finite
+    if not stepped:
+        state.nonfinite_steps += 1
+        _logger.warning("non-finite loss or gradient at step %d (loss %s): step skipped (%d in a row)",
+                        state.global_step + 1, loss.item(), state.nonfinite_steps)
+        if state.nonfinite_steps >= max_nonfinite_steps:
+            raise NonFiniteLossError(
+                f"{state.nonfinite_steps} consecutive non-finite steps (last loss {loss.item()}) at step "
+                f"{state.global_step + 1}; training stopped, the last checkpoint holds the last good state"
+            )
+        return None
+    state.nonfinite_steps = 0
+    state.epoch_loss_sum += loss.item() * reference.shape[0]
+    state.epoch_samples += reference.shape[0]
+    return terms
 
 
 def train_one_epoch(
@@ -170,60 +370,88 @@ def train_one_epoch(
     metrics_logger: utils.MetricsLogger | None = None,
     log_every: int = 10,
     num_epochs: int | None = None,
+    bad_samples: BadSampleLog | None = None,
+    on_step_end: Callable[[], bool] | None = None,
 ) -> float:
-    """One pass over the training triplets; returns the mean loss per triplet."""
+    """Train on the loader's batches (the rest of the epoch when resumed mid-epoch).
+
+    ``state`` is advanced batch by batch (steps, epoch loss sums), so a checkpoint taken at any step
+    boundary resumes exactly.  Batches holding :class:`SkippedSample` markers (``--skip_bad_samples``)
+    record them in ``bad_samples``.  ``on_step_end`` runs after every batch; returning True stops the
+    epoch early (pre-emption).  Returns the epoch's mean loss per trained triplet so far.
+    """
     model.train()
-    total_loss, total_samples = 0.0, 0
-    progress = tqdm(loader, desc=f"epoch {state.epoch + 1}/{num_epochs or '?'}", leave=False)
+    progress = tqdm(loader, desc=f"epoch {state.epoch + 1}/{num_epochs or '?'}", leave=False,
+                    initial=state.step_in_epoch, total=state.step_in_epoch + len(loader))
     for batch in progress:
-        reference = batch["reference_image"].to(device, non_blocking=True)
-        target = batch["target_image"].to(device, non_blocking=True)
-        token_ids = model.backbone.tokenize(batch["caption"]).to(device)
-        optimizer.zero_grad(set_to_none=True)
-        with autocast(precision, device):
-            q_pos, q_neg, target_features = model(reference, target, token_ids)
-        # The loss in fp32: scale-100 logits and their softmax are where fp16 loses precision.
-        terms = ssn_loss_terms(q_pos.float(), q_neg.float(), target_features.float(), kl_weight=kl_weight)
-        loss = terms["loss"]
-        scaler.scale(loss).backward()
-        if grad_clip:
-            scaler.unscale_(optimizer)
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-        else:
-            grad_norm = None
-        finite = bool(torch.isfinite(loss)) and (grad_norm is None or bool(torch.isfinite(grad_norm)))
-        if not finite and not scaler.is_enabled():
-            # fp32 has no scaler to skip the step: skip it here, and stop if it keeps happening.
-            state.nonfinite_steps += 1
-            _logger.warning("non-finite loss or gradient at step %d: step skipped", state.global_step)
-            if state.nonfinite_steps >= max_nonfinite_steps:
-                raise NonFiniteLossError(
-                    f"{state.nonfinite_steps} consecutive non-finite steps (last loss {loss.item()}); "
-                    "training stopped, the last checkpoint is the last good state"
-                )
-            state.global_step += 1
-            continue
-        scaler.step(optimizer)  # with AMP the scaler itself skips steps whose gradients overflowed
-        scaler.update()
-        state.nonfinite_steps = 0
+        skipped = batch.pop("skipped_samples", [])
+        if skipped:
+            if bad_samples is None:
+                raise ValueError("the batch holds skipped samples but no BadSampleLog was given")
+            bad_samples.add(skipped, state.epoch, state.global_step + 1)
+        terms = None
+        if "reference_image" in batch:  # else every sample of the batch was unreadable
+            terms = _train_step(model, batch, optimizer, scaler, state, device, precision, kl_weight, grad_clip,
+                                max_nonfinite_steps)
+        state.step_in_epoch += 1
         state.global_step += 1
-        batch_size = reference.shape[0]
-        total_loss += loss.item() * batch_size
-        total_samples += batch_size
-        progress.set_postfix(loss=f"{total_loss / total_samples:.4f}")
-        if metrics_logger is not None and state.global_step % log_every == 0:
-            metrics_logger.log(
-                {"loss": loss.item(), **{k: v.item() for k, v in terms.items() if k != "loss"},
-                 "lr": optimizer.param_groups[0]["lr"]},
-                step=state.global_step, epoch=state.epoch, prefix="train/",
-            )
-    return total_loss / max(total_samples, 1)
+        if terms is not None:
+            progress.set_postfix(loss=f"{state.epoch_loss_sum / state.epoch_samples:.4f}")
+            if metrics_logger is not None and state.global_step % log_every == 0:
+                metrics_logger.log(
+                    {**{k: v.item() for k, v in terms.items()}, "lr": optimizer.param_groups[0]["lr"]},
+                    step=state.global_step, epoch=state.epoch, prefix="train/",
+                )
+        if on_step_end is not None and on_step_end():
+            break
+    return state.epoch_loss_sum / max(state.epoch_samples, 1)
+
+
+class PreemptionHandler:
+    """Turn SIGTERM (and SIGINT) into a request to checkpoint at the next step boundary and stop.
+
+    A context manager: the handlers are installed on entry and the previous ones restored on exit.
+    After the first signal the previous handler is put back, so a second Ctrl-C (KeyboardInterrupt)
+    or SIGTERM (terminate) acts at once.  Outside the main thread, where Python cannot install signal
+    handlers, nothing is installed and a warning is logged.
+    """
+
+    def __init__(self, signals: Sequence[signal.Signals] = (signal.SIGTERM, signal.SIGINT)) -> None:
+        self.signals = tuple(signals)
+        self.received: signal.Signals | None = None
+        self._previous: dict[signal.Signals, Any] = {}
+
+    @property
+    def requested(self) -> bool:
+        return self.received is not None
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        self.received = signal.Signals(signum)
+        signal.signal(signum, self._previous[self.received])
+
+    def __enter__(self) -> "PreemptionHandler":
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.signals:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        else:
+            _logger.warning("training outside the main thread: %s will not checkpoint before stopping",
+                            ", ".join(sig.name for sig in self.signals))
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
 
 
 def _rng_state() -> dict[str, Any]:
+    """Every global RNG state, as plain types (``torch.load(weights_only=True)`` can read them)."""
+    python_version, python_state, python_gauss = random.getstate()
+    _, numpy_keys, numpy_pos, numpy_has_gauss, numpy_gauss = np.random.get_state()
     state: dict[str, Any] = {
-        "python": list(random.getstate()[1]),
-        "numpy": np.random.get_state()[1].tolist(),
+        "python": {"version": python_version, "state": list(python_state), "gauss_next": python_gauss},
+        "numpy": {"keys": numpy_keys.tolist(), "pos": int(numpy_pos), "has_gauss": int(numpy_has_gauss),
+                  "cached_gaussian": float(numpy_gauss)},
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available():
@@ -232,8 +460,14 @@ def _rng_state() -> dict[str, Any]:
 
 
 def _restore_rng_state(state: dict[str, Any]) -> None:
-    random.setstate((3, tuple(state["python"]), None))
-    np.random.set_state(("MT19937", np.array(state["numpy"], dtype=np.uint32), 624, 0, 0.0))
+    python, numpy = state["python"], state["numpy"]
+    if isinstance(python, dict):
+        random.setstate((python["version"], tuple(python["state"]), python["gauss_next"]))
+        np.random.set_state(("MT19937", np.array(numpy["keys"], dtype=np.uint32), numpy["pos"],
+                             numpy["has_gauss"], numpy["cached_gaussian"]))
+    else:  # format 1: the state words only
+        random.setstate((3, tuple(python), None))
+        np.random.set_state(("MT19937", np.array(numpy, dtype=np.uint32), 624, 0, 0.0))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -241,8 +475,10 @@ def _restore_rng_state(state: dict[str, Any]) -> None:
 
 def checkpoint_state(
     model: SSNModel, optimizer: torch.optim.Optimizer, scheduler: Any, scaler: torch.amp.GradScaler,
-    state: TrainState, args: argparse.Namespace, dataset: str,
+    state: TrainState, args: argparse.Namespace, dataset: str, sampler: ResumableSampler | None = None,
+    metrics_log_lines: int | None = None,
 ) -> dict[str, Any]:
+    """Everything needed to resume exactly: weights, optimiser, scheduler, scaler, RNGs, data position."""
     return {
         "format_version": utils.CHECKPOINT_FORMAT_VERSION,
         "dataset": dataset,
@@ -253,10 +489,16 @@ def checkpoint_state(
         "scaler": scaler.state_dict(),
         "epoch": state.epoch,
         "global_step": state.global_step,
+        "step_in_epoch": state.step_in_epoch,
+        "epoch_loss_sum": state.epoch_loss_sum,
+        "epoch_samples": state.epoch_samples,
         "best_metric": state.best_metric,
         "best_metrics": state.best_metrics or {},
+        "bad_samples": list(state.bad_samples),
         "args": {k: v for k, v in vars(args).items()},
         "rng": _rng_state(),
+        "sampler": sampler.state_dict() if sampler is not None else {},
+        "metrics_log_lines": metrics_log_lines,
     }
 
 
@@ -268,9 +510,13 @@ def build_train_parser(dataset: str) -> argparse.ArgumentParser:
     data = parser.add_argument_group("data")
     data.add_argument("--data_root", required=True, help="dataset folder (cirr_dataset / fashion-iq) or its parent")
     data.add_argument("--dataset", default="CIRR" if cirr else "FashionIQ", help="kept for the official command line")
-    data.add_argument("--transform", choices=("clip", "targetpad"), default="targetpad")
+    data.add_argument("--transform", choices=("clip", "targetpad"), default="clip",
+                      help="clip: CLIP's resize + centre crop (official SSN); targetpad: CLIP4Cir's pad to --target_ratio first")
     data.add_argument("--target_ratio", type=float, default=1.25)
     data.add_argument("--num_workers", type=int, default=min(4, os.cpu_count() or 1))
+    data.add_argument("--skip_bad_samples", action="store_true",
+                      help="skip training samples whose image cannot be read (each is logged and listed in "
+                           "<output_dir>/bad_samples.json) instead of stopping with an error naming the file")
     if not cirr:
         data.add_argument("--dress_types", nargs="+", default=list(FIQ_CATEGORIES), choices=FIQ_CATEGORIES)
     mdl = parser.add_argument_group("model")
@@ -299,7 +545,14 @@ def build_train_parser(dataset: str) -> argparse.ArgumentParser:
     run.add_argument("--seed", type=int, default=0)
     run.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda if available)")
     run.add_argument("--precision", choices=PRECISIONS, default="amp", help="AMP on CUDA; CPU always runs fp32")
-    run.add_argument("--resume", default=None, help="checkpoint to resume from (e.g. <output_dir>/checkpoints/last.pt)")
+    run.add_argument("--resume", default=None,
+                     help="checkpoint to resume from (e.g. <output_dir>/checkpoints/last.pt), also mid-epoch; "
+                          "the output directory defaults to the checkpoint's run")
+    run.add_argument("--checkpoint_every", type=int, default=0, metavar="N",
+                     help="also write checkpoints/last.pt every N optimisation steps (0 = at epoch ends only)")
+    run.add_argument("--deterministic", action="store_true",
+                     help="torch.use_deterministic_algorithms(True) (and deterministic cuDNN / cuBLAS on CUDA): "
+                          "a resumed run then matches an uninterrupted one bit for bit on CPU")
     run.add_argument("--validation_frequency", type=int, default=1, help="validate every N epochs")
     run.add_argument("--eval_batch_size", type=int, default=64)
     run.add_argument("--save_training", action="store_true", help="official flag: keep a checkpoint per validation (with --save_best: only the best)")
@@ -312,7 +565,7 @@ def build_train_parser(dataset: str) -> argparse.ArgumentParser:
     return parser
 
 
-def _check_official_dims(args: argparse.Namespace, model: SSNModel) -> None:
+def check_official_dims(args: argparse.Namespace, model: SSNModel) -> None:
     for flag in ("projection_dim", "hidden_dim"):
         value = getattr(args, flag)
         if value is not None and value != model.head.width:
@@ -323,21 +576,116 @@ def _check_official_dims(args: argparse.Namespace, model: SSNModel) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- main loop
+# Flags that may change between a run and its resume without changing what is computed.
+_RESUME_FREE_ARGS = frozenset({
+    "resume", "output_dir", "num_epochs", "num_workers", "device", "eval_batch_size", "checkpoint_every",
+    "log_every", "api_key", "workspace", "project_name",
+})
+
+
+def _enable_determinism(device: torch.device) -> None:
+    """Deterministic kernels (errors for ops that have none); on CUDA also cuDNN and cuBLAS settings."""
+    if device.type == "cuda":
+        # cuBLAS needs a fixed workspace for deterministic results; it is read when cuBLAS initialises.
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.backends.cudnn.benchmark = False
+        torch.backends.cudnn.deterministic = True
+    torch.use_deterministic_algorithms(True)
+
+
+def _count_lines(path: Path) -> int:
+    """Complete lines of a text file (0 if it does not exist)."""
+    if not path.is_file():
+        return 0
+    with path.open("rb") as f:
+        return sum(1 for line in f if line.endswith(b"\n"))
+
+
+def _truncate_metrics_log(path: Path, lines: int) -> int:
+    """Keep the first ``lines`` lines of ``metrics.jsonl`` (records logged after a checkpoint); returns how many went."""
+    if not path.is_file():
+        return 0
+    content = path.read_bytes().splitlines(keepends=True)
+    dropped = len(content) - lines
+    if dropped > 0:
+        utils.atomic_write_bytes(path, b"".join(content[:lines]))
+    return max(dropped, 0)
+
+
+def _warn_changed_args(saved: dict[str, Any], args: argparse.Namespace, source: str) -> None:
+    """Warn about flags that differ from the checkpoint's run: the resumed run then differs from an uninterrupted one."""
+    changed = [
+        f"--{key} {value!r} (checkpoint: {saved[key]!r})"
+        for key, value in vars(args).items()
+        if key not in _RESUME_FREE_ARGS and key in saved and saved[key] != value
+    ]
+    if changed:
+        _logger.warning("resuming from %s with changed flags; the run will not match an uninterrupted one: %s",
+                        source, ", ".join(changed))
+
+
+def _resume(
+    path: str, model: SSNModel, optimizer: torch.optim.Optimizer, scheduler: Any, scaler: torch.amp.GradScaler,
+    sampler: ResumableSampler, args: argparse.Namespace,
+) -> tuple[TrainState, int | None]:
+    """Load a training checkpoint into the run; returns its state and the metrics log length it saw.
+
+    Raises:
+        utils.CheckpointError: unreadable or foreign file.
+        CheckpointMismatchError: the checkpoint is for another backbone or head size (names the difference).
+    """
+    checkpoint = utils.load_checkpoint(path, map_location="cpu")
+    check_model_config(checkpoint.get("model_config", {}), model.config(), path)
+    check_state_dict(model, checkpoint.get("model", {}), path)
+    model.load_state_dict(checkpoint["model"])
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    scheduler.load_state_dict(checkpoint["scheduler"])
+    scaler.load_state_dict(checkpoint["scaler"])
+    _warn_changed_args(checkpoint.get("args", {}), args, path)
+    saved_sampler = checkpoint.get("sampler") or {}
+    for key in ("num_samples", "batch_size", "num_replicas"):
+        if key in saved_sampler and saved_sampler[key] != getattr(sampler, key):
+            _logger.warning("resuming from %s: the sampler's %s was %s, now %s; the epoch order differs",
+                            path, key, saved_sampler[key], getattr(sampler, key))
+    state = TrainState.from_checkpoint(checkpoint)
+    if state.step_in_epoch > sampler.steps_per_epoch:
+        raise ValueError(f"{path} stopped at step {state.step_in_epoch} of an epoch, but an epoch now has "
+                         f"{sampler.steps_per_epoch} steps (dataset or batch size changed)")
+    _restore_rng_state(checkpoint["rng"])
+    return state, checkpoint.get("metrics_log_lines")
+
+
 def run_training(args: argparse.Namespace, dataset: str) -> Path:
-    """Train SSN with periodic validation and checkpointing; returns the output directory."""
+    """Train SSN with periodic validation and checkpointing; returns the output directory.
+
+    Fault tolerance (docs/fault_tolerance.md): ``checkpoints/last.pt`` is written atomically at every
+    epoch end and every ``--checkpoint_every`` steps; ``--resume`` continues from any of them exactly.
+    SIGTERM / SIGINT write ``last.pt`` at the next step boundary and return early (no summary.json).
+    Checkpoints are never written during a streak of non-finite steps, so after a
+    :class:`NonFiniteLossError` ``last.pt`` holds the last good state.
+    """
     env: DistributedEnv = init_distributed(args.device)
     device = env.device
     precision = effective_precision(args.precision, device)
-    output_dir = Path(args.output_dir or f"runs/{dataset}_{datetime.now():%Y%m%d_%H%M%S}")
+    if args.checkpoint_every < 0:
+        raise ValueError(f"--checkpoint_every must be >= 0, got {args.checkpoint_every}")
+    if args.output_dir:
+        output_dir = Path(args.output_dir)
+    elif args.resume:
+        output_dir = run_directory(args.resume)
+    else:
+        output_dir = Path(f"runs/{dataset}_{datetime.now():%Y%m%d_%H%M%S}")
     checkpoint_dir = output_dir / "checkpoints"
     checkpoint_dir.mkdir(parents=True, exist_ok=True)
     logger = utils.setup_logging(output_dir)
+    if args.deterministic:
+        _enable_determinism(device)
     utils.set_seed(args.seed)
 
     root = resolve_dataset_root(args.data_root, dataset)
     pretrained = None if str(args.pretrained).lower() in ("", "none") else args.pretrained
     model = build_ssn_model(args.clip_model_name, pretrained=pretrained, nhead=args.nhead, device=device)
-    _check_official_dims(args, model)
+    check_official_dims(args, model)
     if pretrained is None:
         logger.info("backbone %s starts from random weights (--pretrained none)", args.clip_model_name)
     transform = build_transform(args.transform, model.backbone.image_size, args.target_ratio)
@@ -347,27 +695,29 @@ def run_training(args: argparse.Namespace, dataset: str) -> Path:
     else:
         train_set = FashionIQDataset(root, "train", args.dress_types, "relative", transform)
     val_sets = retrieval_sets(dataset, root, "val", transform, getattr(args, "dress_types", FIQ_CATEGORIES))
-    generator = torch.Generator().manual_seed(args.seed)
-    train_loader = make_loader(train_set, args.batch_size, args.num_workers, device, shuffle=True, drop_last=True, generator=generator)
-    if len(train_loader) == 0:
+    sampler = ResumableSampler(len(train_set), args.batch_size, args.seed, num_replicas=env.world_size, rank=env.rank)
+    if sampler.steps_per_epoch == 0:
         raise ValueError(f"{len(train_set)} training triplets is less than one batch of {args.batch_size}")
+    # Seeds the DataLoader workers only (the order comes from the sampler); reseeded per epoch below.
+    loader_generator = torch.Generator()
+    train_data = SkipBadSamples(train_set) if args.skip_bad_samples else train_set
+    train_loader = make_loader(train_data, args.batch_size, args.num_workers, device, drop_last=True,
+                               generator=loader_generator, sampler=sampler, worker_init_fn=train_worker_init)
 
     optimizer = model.configure_optimizers(args.lr, args.lr_ratio, args.optimizer, args.weight_decay)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=args.lr_step_size, gamma=args.lr_gamma)
     scaler = grad_scaler(precision, device)
     state = TrainState()
-
+    metrics_path = output_dir / "metrics.jsonl"
     if args.resume:
-        checkpoint = utils.load_checkpoint(args.resume, map_location="cpu")
-        check_model_config(checkpoint.get("model_config", {}), model.config(), args.resume)
-        model.load_state_dict(checkpoint["model"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        scheduler.load_state_dict(checkpoint["scheduler"])
-        scaler.load_state_dict(checkpoint["scaler"])
-        state = TrainState(checkpoint["epoch"], checkpoint["global_step"], checkpoint["best_metric"], checkpoint["best_metrics"] or None)
-        _restore_rng_state(checkpoint["rng"])
-        generator.manual_seed(args.seed + state.epoch)
-        logger.info("resumed from %s at epoch %d (step %d)", args.resume, state.epoch, state.global_step)
+        state, metrics_log_lines = _resume(args.resume, model, optimizer, scheduler, scaler, sampler, args)
+        if metrics_log_lines is not None and run_directory(args.resume).resolve() == output_dir.resolve():
+            dropped = _truncate_metrics_log(metrics_path, metrics_log_lines)
+            if dropped:
+                logger.info("dropped %d metrics records logged after the checkpoint was written", dropped)
+        logger.info("resumed from %s at epoch %d, step %d of %d (global step %d)", args.resume, state.epoch + 1,
+                    state.step_in_epoch, sampler.steps_per_epoch, state.global_step)
+    bad_samples = BadSampleLog(output_dir / "bad_samples.json", state.bad_samples) if args.skip_bad_samples else None
 
     utils.atomic_write_json(output_dir / "args.json", vars(args))
     metrics_logger = utils.MetricsLogger(
@@ -375,45 +725,80 @@ def run_training(args: argparse.Namespace, dataset: str) -> Path:
         comet_project=args.project_name, run_args=vars(args),
     )
     logger.info("training %s on %s (%d triplets, %d steps/epoch) on %s, precision %s; outputs in %s",
-                args.clip_model_name, dataset, len(train_set), len(train_loader), device, precision, output_dir)
+                args.clip_model_name, dataset, len(train_set), sampler.steps_per_epoch, device, precision, output_dir)
 
-    try:
-        while state.epoch < args.num_epochs:
-            epoch = state.epoch
-            if 0 <= args.freeze_vision_epoch <= epoch:
-                model.freeze_vision_tower()
-            generator.manual_seed(args.seed + epoch)  # the shuffle of an epoch does not depend on resumes
-            start = time.time()
-            epoch_loss = train_one_epoch(
-                model, train_loader, optimizer, scaler, state, device, precision, args.kl_weight,
-                args.grad_clip or None, args.max_nonfinite_steps, metrics_logger, args.log_every, args.num_epochs,
-            )
-            scheduler.step()
-            state.epoch += 1
-            metrics_logger.log({"epoch_loss": epoch_loss, "epoch_time_s": time.time() - start,
-                                "lr": scheduler.get_last_lr()[0]}, step=state.global_step, epoch=state.epoch, prefix="train/")
-            logger.info("epoch %d/%d: loss %.4f (%.1f s)", state.epoch, args.num_epochs, epoch_loss, time.time() - start)
+    def save(path: Path) -> None:
+        if state.nonfinite_steps:  # never replace a good checkpoint by a state inside a non-finite streak
+            logger.warning("not writing %s during %d non-finite steps in a row", path, state.nonfinite_steps)
+            return
+        utils.save_checkpoint(path, checkpoint_state(model, optimizer, scheduler, scaler, state, args, dataset,
+                                                     sampler, _count_lines(metrics_path)))
 
-            if state.epoch % args.validation_frequency == 0 or state.epoch == args.num_epochs:
-                metrics = evaluate(model, val_sets, dataset, device, precision, "ssn", args.eval_batch_size, args.num_workers)
-                metrics_logger.log(metrics, step=state.global_step, epoch=state.epoch, prefix="val/")
-                logger.info("validation after epoch %d:\n%s", state.epoch, utils.metrics_table(metrics))
-                score = utils.best_metric(metrics, dataset)
-                improved = score > state.best_metric
-                if improved:
-                    state.best_metric, state.best_metrics = score, metrics
-                ckpt = checkpoint_state(model, optimizer, scheduler, scaler, state, args, dataset)
-                if args.save_best and improved:
-                    utils.save_checkpoint(checkpoint_dir / "best.pt", ckpt)
-                elif args.save_training and not args.save_best:
-                    utils.save_checkpoint(checkpoint_dir / f"epoch_{state.epoch}.pt", ckpt)
-            utils.save_checkpoint(checkpoint_dir / "last.pt", checkpoint_state(model, optimizer, scheduler, scaler, state, args, dataset))
-    finally:
-        metrics_logger.close()
+    with PreemptionHandler() as preemption:
+
+        def on_step_end() -> bool:
+            if preemption.requested:
+                save(checkpoint_dir / "last.pt")
+                return True
+            if args.checkpoint_every and state.global_step % args.checkpoint_every == 0:
+                save(checkpoint_dir / "last.pt")
+            return False
+
+        try:
+            while state.epoch < args.num_epochs and not preemption.requested:
+                epoch = state.epoch
+                if 0 <= args.freeze_vision_epoch <= epoch:
+                    model.freeze_vision_tower()
+                sampler.set_epoch(epoch, start_step=state.step_in_epoch)
+                loader_generator.manual_seed(loader_seed(args.seed, epoch, state.step_in_epoch))
+                start = time.time()
+                train_one_epoch(
+                    model, train_loader, optimizer, scaler, state, device, precision, args.kl_weight,
+                    args.grad_clip or None, args.max_nonfinite_steps, metrics_logger, args.log_every, args.num_epochs,
+                    bad_samples, on_step_end,
+                )
+                if state.step_in_epoch < sampler.steps_per_epoch:  # stopped by a signal; last.pt is written
+                    break
+                scheduler.step()
+                epoch_loss = state.end_epoch()
+                metrics_logger.log({"epoch_loss": epoch_loss, "epoch_time_s": time.time() - start,
+                                    "lr": scheduler.get_last_lr()[0]}, step=state.global_step, epoch=state.epoch, prefix="train/")
+                logger.info("epoch %d/%d: loss %.4f (%.1f s)", state.epoch, args.num_epochs, epoch_loss, time.time() - start)
+
+                if state.epoch % args.validation_frequency == 0 or state.epoch == args.num_epochs:
+                    metrics = evaluate(model, val_sets, dataset, device, precision, "ssn", args.eval_batch_size, args.num_workers)
+                    metrics_logger.log(metrics, step=state.global_step, epoch=state.epoch, prefix="val/")
+                    logger.info("validation after epoch %d:\n%s", state.epoch, utils.metrics_table(metrics))
+                    score = utils.best_metric(metrics, dataset)
+                    improved = score > state.best_metric
+                    if improved:
+                        state.best_metric, state.best_metrics = score, metrics
+                    if args.save_best and improved:
+                        save(checkpoint_dir / "best.pt")
+                    elif args.save_training and not args.save_best:
+                        save(checkpoint_dir / f"epoch_{state.epoch}.pt")
+                save(checkpoint_dir / "last.pt")
+        except DataError as error:
+            logger.error("%s\n(--skip_bad_samples skips unreadable training samples, listing them in bad_samples.json)", error)
+            raise
+        finally:
+            metrics_logger.close()
+            if bad_samples is not None:
+                bad_samples.write()
+                logger.info("%d training sample(s) skipped as unreadable; listed in %s", len(bad_samples.records),
+                            bad_samples.path)
+
+    if preemption.requested and state.epoch < args.num_epochs:
+        logger.warning("stopped by %s at epoch %d, step %d of %d; continue with --resume %s",
+                       preemption.received.name, state.epoch + 1, state.step_in_epoch, sampler.steps_per_epoch,
+                       checkpoint_dir / "last.pt")
+        return output_dir
 
     summary = {"best_metric": state.best_metric, "best_metrics": state.best_metrics, "epochs": state.epoch,
                "steps": state.global_step}
     utils.atomic_write_json(output_dir / "summary.json", summary)
+    # Curves + report.md; a plotting failure is logged as a warning, the checkpoints are already saved.
+    visualize.write_run_report_safely(output_dir, device=str(device))
     logger.info("done: best %s %.2f; checkpoints in %s", "mean recall", state.best_metric, checkpoint_dir)
     return output_dir
 

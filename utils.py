@@ -61,7 +61,7 @@ CIRR_SUBSET_LENGTH = 3
 # The CIRR server rejects files over 5 MB; 5 * 10**6 bytes is under both readings of "MB".
 CIRR_MAX_SUBMISSION_BYTES = 5 * 10**6
 CIRCO_SUBMISSION_LENGTH = 50
-CHECKPOINT_FORMAT_VERSION = 1
+CHECKPOINT_FORMAT_VERSION = 2  # 2: step-level resume (step_in_epoch, sampler, full RNG states)
 _CHECKPOINT_VERSION_KEY = "format_version"
 _BEST_METRIC_KEY = {"cirr": "mean", "fashioniq": "mean", "circo": "mAP@10"}
 
@@ -110,7 +110,12 @@ def topk_retrieval(
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     # -inf marks excluded items below every real score, which only holds for finite features.
-    if not (torch.isfinite(query_feats).all() and torch.isfinite(gallery_feats).all()):
+    # Checked block by block: isfinite over a whole 1M x 512 gallery would allocate gigabytes.
+    if not all(
+        bool(torch.isfinite(feats[start : start + chunk_size]).all())
+        for feats in (query_feats, gallery_feats)
+        for start in range(0, feats.shape[0], chunk_size)
+    ):
         raise ValueError("query or gallery features contain NaN or inf")
 
     num_q, num_g = query_feats.shape[0], gallery_feats.shape[0]
@@ -142,18 +147,38 @@ def topk_retrieval(
                 local = exclude_indices[q0 : q0 + cq] - g0  # [cq]
                 rows = ((local >= 0) & (local < cg)).nonzero().squeeze(1)
                 sims[rows, local[rows]] = float("-inf")
-            cand_scores = torch.cat([best_scores, sims], dim=1)  # [cq, k + cg]
-            block_indices = torch.arange(g0, g0 + cg, device=device).expand(cq, cg)
-            cand_indices = torch.cat([best_indices, block_indices], dim=1)
+            block_indices = _block_topk_indices(sims, k_out)  # [cq, <=k_out], ascending
+            cand_scores = torch.cat([best_scores, sims.gather(1, block_indices)], dim=1)  # [cq, <=2k]
+            cand_indices = torch.cat([best_indices, block_indices + g0], dim=1)
             # Candidates are laid out with equal scores in ascending gallery index (the running
-            # top-k holds only earlier blocks, already tie-ordered), so a stable sort keeps the
-            # lower index first among ties: exactly the dense order.
+            # top-k holds only earlier blocks, already tie-ordered; the block's own candidates are
+            # in ascending index), so a stable sort keeps the lower index first among ties:
+            # exactly the dense order.
             order = torch.sort(cand_scores, dim=1, descending=True, stable=True).indices[:, :k_out]
             best_scores = cand_scores.gather(1, order)
             best_indices = cand_indices.gather(1, order)
         out_scores[q0 : q0 + cq] = best_scores
         out_indices[q0 : q0 + cq] = best_indices
     return out_scores, out_indices
+
+
+def _block_topk_indices(sims: Tensor, k: int) -> Tensor:
+    """Column indices [R, min(k, C)] of each row's top k of ``sims`` [R, C] in the dense order (score
+    descending, ties by lower column), returned in ascending column order.
+
+    ``torch.topk`` selects the top-k set in one pass, far cheaper than sorting every column; its choice
+    among values tied with the k-th best is unspecified, so rows with such a tie (more than k values
+    at or above the k-th best) are redone with a stable sort.
+    """
+    if sims.shape[1] <= k:
+        return torch.arange(sims.shape[1], device=sims.device).expand(sims.shape[0], -1)
+    top = sims.topk(k, dim=1)
+    indices = top.indices.sort(dim=1).values
+    tied = ((sims >= top.values[:, -1:]).sum(dim=1) > k).nonzero().squeeze(1)
+    if tied.numel():
+        stable = torch.sort(sims[tied], dim=1, descending=True, stable=True).indices[:, :k]
+        indices[tied] = stable.sort(dim=1).values
+    return indices
 
 
 def _name_to_index(names: Sequence[Hashable]) -> dict[Hashable, int]:
@@ -709,7 +734,9 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
             f"checkpoint {path}: not a checkpoint written by save_checkpoint (no {_CHECKPOINT_VERSION_KEY!r})"
         )
     version = state[_CHECKPOINT_VERSION_KEY]
-    if not isinstance(version, int) or version > CHECKPOINT_FORMAT_VERSION:
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise CheckpointError(f"checkpoint {path}: invalid format version {version!r}")
+    if version > CHECKPOINT_FORMAT_VERSION:
         raise CheckpointError(
             f"checkpoint {path}: format version {version!r} is newer than supported ({CHECKPOINT_FORMAT_VERSION})"
         )

@@ -122,16 +122,38 @@ class CLIPBackbone(nn.Module):
         longest = int((token_ids != 0).sum(dim=1).max())
         return token_ids[:, :longest].contiguous()
 
+    def embed_tokens(self, token_ids: Tensor) -> Tensor:
+        """token_ids [B, L] -> the text tower's word embeddings [B, L, w] (no positional embedding)."""
+        return self._text_tower.token_embedding(token_ids)
+
     def encode_text(self, token_ids: Tensor) -> TextFeatures:
         """token_ids [B, L] (L <= context length) -> token states [B, L, w], mask [B, L], embeds [B, D].
 
         The causal attention mask makes the states of real tokens independent of how much padding
         follows, so a batch cut to its longest caption gives the same features as the full 77 tokens.
         """
+        return self.encode_text_embeddings(self.embed_tokens(token_ids), token_ids)
+
+    def encode_text_embeddings(self, word_embeds: Tensor, token_ids: Tensor) -> TextFeatures:
+        """Run the text tower from word embeddings instead of token ids.
+
+        Args:
+            word_embeds: [B, L, w] word embeddings, e.g. :meth:`embed_tokens` with some positions
+                replaced (a pseudo word such as textual-inversion methods produce).
+            token_ids: [B, L] the ids the embeddings stand for; they give the padding mask and the
+                pooled (end-of-text) position.
+
+        Returns:
+            The same :class:`TextFeatures` as :meth:`encode_text` computes from ``token_ids``.
+        """
+        if word_embeds.shape[:2] != token_ids.shape:
+            raise ValueError(
+                f"word_embeds {tuple(word_embeds.shape)} do not match token_ids {tuple(token_ids.shape)}"
+            )
         tower = self._text_tower
         seq_len = token_ids.shape[1]
         cast_dtype = tower.transformer.get_cast_dtype()
-        x = tower.token_embedding(token_ids).to(cast_dtype)
+        x = word_embeds.to(cast_dtype)
         x = x + tower.positional_embedding[:seq_len].to(cast_dtype)
         attn_mask = tower.attn_mask
         if attn_mask is not None:
@@ -146,7 +168,6 @@ class CLIPBackbone(nn.Module):
             pooled = projection(pooled) if isinstance(projection, nn.Linear) else pooled @ projection
         mask = (token_ids != 0).to(x.dtype)
         return TextFeatures(tokens=x, mask=mask, embeds=pooled)
-
 
 def create_backbone(
     model_name: str,

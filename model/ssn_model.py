@@ -140,6 +140,31 @@ def check_model_config(saved: dict[str, Any], current: dict[str, Any], source: s
         )
 
 
+def check_state_dict(model: nn.Module, state_dict: dict[str, Tensor], source: str, max_listed: int = 5) -> None:
+    """Raise CheckpointMismatchError naming missing, unexpected and differently shaped weights.
+
+    The check :meth:`nn.Module.load_state_dict` would make, as one short message instead of a stack of
+    every key (a checkpoint whose ``model_config`` does not describe its weights).
+    """
+    own = model.state_dict()
+    problems = [
+        f"{key}: checkpoint {tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__}, "
+        f"model {tuple(own[key].shape)}"
+        for key, value in state_dict.items()
+        if key in own and not (isinstance(value, Tensor) and value.shape == own[key].shape)
+    ]
+    missing = [key for key in own if key not in state_dict]
+    unexpected = [key for key in state_dict if key not in own]
+    if missing:
+        problems.append(f"{len(missing)} weight(s) missing, e.g. {missing[:max_listed]}")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected weight(s), e.g. {unexpected[:max_listed]}")
+    if problems:
+        shown = problems[:max_listed] + ([f"... {len(problems) - max_listed} more"] if len(problems) > max_listed else [])
+        raise CheckpointMismatchError(f"{source}: the weights do not fit the model ({len(problems)} problem(s)): "
+                                      + "; ".join(shown))
+
+
 def ssn_model_from_checkpoint(checkpoint: dict[str, Any], device: torch.device | str = "cpu", source: str = "checkpoint") -> SSNModel:
     """Rebuild an SSNModel from a training checkpoint alone (nanoGPT ``sample.py`` style)."""
     if "model_config" not in checkpoint or "model" not in checkpoint:
@@ -147,5 +172,6 @@ def ssn_model_from_checkpoint(checkpoint: dict[str, Any], device: torch.device |
     config = checkpoint["model_config"]
     model = build_ssn_model(config["clip_model_name"], pretrained=None, nhead=config["nhead"], device=device)
     check_model_config(config, model.config(), source)
+    check_state_dict(model, checkpoint["model"], source)
     model.load_state_dict(checkpoint["model"])
     return model

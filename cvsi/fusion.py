@@ -1,0 +1,111 @@
+"""CVSI's complementary information retrieval (Eqs. 8-10).
+
+``q = α q_m + β q_f + (1−α−β) q_v`` and ``t = γ t_c + (1−γ) t_v``, compared by cosine similarity.
+Components are the L2-normalised CLIP features (``q_m`` and ``t_c`` are means of normalised caption
+features, as in Eqs. 5 and 7). Dropping a component (the paper's ablations) sets its weight to 0;
+cosine similarity makes the remaining weights' scale irrelevant.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Iterable
+
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = ["FusionWeights", "PRESETS", "COMPONENTS", "GROUPS", "ABLATIONS", "fuse_query", "fuse_target", "cosine_scores"]
+
+COMPONENTS = ("q_m", "q_f", "q_v", "t_c", "t_v")
+# The paper's "visual" / "semantic information extraction" components (Table III rows 1 and 2).
+_DIGITS = 9
+GROUPS = {"visual": ("q_f", "q_v", "t_v"), "semantic": ("q_m", "t_c")}
+# Table III of the paper: row name -> components dropped.
+ABLATIONS = {
+    "w/o visual information extraction": GROUPS["visual"],
+    "w/o semantic information extraction": GROUPS["semantic"],
+    "w/o reference image features": ("q_v",),
+    "w/o fine-grained features": ("q_f",),
+    "w/o average modified captions features": ("q_m",),
+    "w/o target images features": ("t_v",),
+    "w/o target average captions features": ("t_c",),
+}
+
+
+@dataclass(frozen=True)
+class FusionWeights:
+    """α (q_m), β (q_f), γ (t_c); the visual terms get 1−α−β and 1−γ. ``dropped`` components get 0."""
+
+    alpha: float
+    beta: float
+    gamma: float
+    dropped: frozenset[str] = frozenset()
+
+    def __post_init__(self) -> None:
+        for name in ("alpha", "beta", "gamma"):
+            value = getattr(self, name)
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f"{name} must lie in [0, 1], got {value}")
+        if self.alpha + self.beta > 1.0 + 1e-9:
+            raise ValueError(f"alpha + beta must be <= 1, got {self.alpha} + {self.beta}")
+        unknown = set(self.dropped) - set(COMPONENTS)
+        if unknown:
+            raise ValueError(f"unknown components {sorted(unknown)}; expected some of {COMPONENTS}")
+
+    def without(self, components: Iterable[str]) -> "FusionWeights":
+        """These weights with more components dropped (group names 'visual' / 'semantic' allowed)."""
+        expanded = {c for name in components for c in GROUPS.get(name, (name,))}
+        return replace(self, dropped=self.dropped | frozenset(expanded))
+
+    def query(self) -> dict[str, float]:
+        """Weights of q_m, q_f, q_v."""
+        # Rounded so that 1 − 0.6 − 0.4 is 0, not 5.6e-17 (which would ask for q_v).
+        raw = {"q_m": self.alpha, "q_f": self.beta, "q_v": round(1.0 - self.alpha - self.beta, _DIGITS)}
+        return {k: 0.0 if k in self.dropped else v for k, v in raw.items()}
+
+    def target(self) -> dict[str, float]:
+        """Weights of t_c, t_v."""
+        raw = {"t_c": self.gamma, "t_v": round(1.0 - self.gamma, _DIGITS)}
+        return {k: 0.0 if k in self.dropped else v for k, v in raw.items()}
+
+    def needed(self) -> set[str]:
+        """Components with a non-zero weight: the only ones worth computing."""
+        weights = {**self.query(), **self.target()}
+        return {k for k, v in weights.items() if v > 0}
+
+    def check_usable(self) -> None:
+        """Both sides need at least one component with a non-zero weight."""
+        if not any(self.query().values()) or not any(self.target().values()):
+            raise ValueError(f"no query or no gallery component left: query {self.query()}, target {self.target()}")
+
+
+# Paper §IV-A2: CIRR and CIRCO rely on semantics, FashionIQ on visual information.
+PRESETS = {
+    "cirr": FusionWeights(0.6, 0.4, 0.2),
+    "circo": FusionWeights(0.6, 0.4, 0.2),
+    "fashioniq": FusionWeights(0.2, 0.6, 0.1),
+}
+
+
+def _weighted_sum(weights: dict[str, float], features: dict[str, Tensor | None]) -> Tensor:
+    missing = [name for name, w in weights.items() if w > 0 and features[name] is None]
+    if missing:
+        raise ValueError(f"components {missing} have a non-zero weight but were not computed")
+    terms = [w * features[name] for name, w in weights.items() if w > 0]
+    if not terms:
+        raise ValueError("every component has weight 0")
+    return sum(terms[1:], terms[0])
+
+
+def fuse_query(weights: FusionWeights, q_m: Tensor | None, q_f: Tensor | None, q_v: Tensor | None) -> Tensor:
+    """q [Q, D] = α q_m + β q_f + (1−α−β) q_v (Eq. 8); each input [Q, D], None if not computed."""
+    return _weighted_sum(weights.query(), {"q_m": q_m, "q_f": q_f, "q_v": q_v})
+
+
+def fuse_target(weights: FusionWeights, t_c: Tensor | None, t_v: Tensor | None) -> Tensor:
+    """t [G, D] = γ t_c + (1−γ) t_v (Eq. 9); each input [G, D], None if not computed."""
+    return _weighted_sum(weights.target(), {"t_c": t_c, "t_v": t_v})
+
+
+def cosine_scores(query: Tensor, target: Tensor) -> Tensor:
+    """[Q, G] cosine similarities q·t / (|q| |t|) (Eq. 10)."""
+    return F.normalize(query, dim=-1) @ F.normalize(target, dim=-1).T

@@ -1,0 +1,452 @@
+"""The CVSI method end to end on CIRR, FashionIQ or CIRCO, reusing the project's readers and metrics.
+
+:func:`run` takes the options of ``zero_shot_cvsi.py`` and: reads the split (``data_utils``), gets
+captions (imported files and/or BLIP-2) and LLM answers (imported files or a chat-completions server),
+encodes everything with the frozen CLIP, fuses the features (:mod:`cvsi.fusion`), and either scores the
+val split (``utils.circo_metrics`` / ``cirr_metrics`` / ``fiq_metrics``) or writes test submissions.
+Every expensive step goes through a :mod:`cvsi.cache` cache, so an interrupted run resumes and a
+repeated run recomputes nothing.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+import utils
+from cvsi.cache import JsonCache, TensorCache, file_fingerprint, fingerprint, module_fingerprint
+from cvsi.captioner import Blip2Captioner, caption_images
+from cvsi.fusion import ABLATIONS, PRESETS, FusionWeights, fuse_query, fuse_target
+from cvsi.imports import QueryAnswers, match_answers, read_answer_files, read_caption_files, write_answer_file
+from cvsi.llm import (
+    MODIFY_MARKER, MODIFY_PROMPT, OBJECTS_MARKER, OBJECTS_PROMPT, ChatClient, ChatConfig, LLMError, LLMJob,
+    build_messages, parse_added_objects, parse_edited_description, run_jobs,
+)
+from cvsi.phi import Phi, load_phi
+from cvsi.pseudo_tokens import encode_with_pseudo_words, fine_grained_prompt, placeholder_token_id
+from data_utils import CIRCODataset, CIRRDataset, DataError, FashionIQDataset, build_transform, collate_batch, load_image
+from model import create_backbone
+from model.backbone import CLIPBackbone
+from training import FIQ_CATEGORIES, resolve_dataset_root
+
+__all__ = ["Query", "Task", "resolve_root", "load_tasks", "image_key", "run", "FULL_ROW"]
+
+_logger = logging.getLogger("cir.cvsi")
+FULL_ROW = "CVSI"
+SUBMISSION_TOP_K = 50
+
+
+# ---------------------------------------------------------------------------------------------- data
+@dataclass
+class Query:
+    """One composed query: reference image, modification text ``T`` and what is known of its targets."""
+
+    query_id: str
+    reference: str
+    caption: str
+    target: str = ""
+    gt: list[str] = field(default_factory=list)
+    aspects: list[str] = field(default_factory=list)
+    members: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Task:
+    """Queries ranked against one gallery (CIRR, CIRCO, or one FashionIQ category)."""
+
+    name: str
+    dataset: str
+    split: str
+    root: Path
+    gallery: list[str]
+    queries: list[Query]
+    image_path: Callable[[str], Path]
+    annotations: list[dict]
+
+
+def _identity(image: Any) -> Any:
+    return image
+
+
+def resolve_root(dataset: str, data_root: str | Path) -> Path:
+    """The dataset folder, given it or its parent."""
+    if dataset != "circo":
+        return resolve_dataset_root(data_root, dataset)
+    root = Path(data_root).expanduser()
+    for candidate in (root, root / "CIRCO"):
+        if (candidate / "annotations").is_dir():
+            return candidate
+    raise FileNotFoundError(f"--data_root {root}: no CIRCO dataset there (expected {root}/annotations/ or {root}/CIRCO/annotations/)")
+
+
+def _fiq_caption(captions: Sequence[str]) -> str:
+    # The evaluation caption of FashionIQ: "c1 and c2" (FashionIQDataset's 'join' mode, the CVSI release's form).
+    first, second = (c.strip().strip(".?, ").strip() for c in captions)
+    return f"{first} and {second}"
+
+
+def load_tasks(dataset: str, root: Path, split: str) -> list[Task]:
+    """Read a split with the project's dataset classes (which check the files up front)."""
+    if dataset == "circo":
+        data = CIRCODataset(root, split, "relative", _identity)
+        queries = [Query(str(q["id"]), str(q["reference_img_id"]), q["relative_caption"],
+                         str(q.get("target_img_id", "")), [str(i) for i in q.get("gt_img_ids", [])],
+                         list(q.get("semantic_aspects", []))) for q in data.triplets]
+        return [Task("circo", dataset, split, root, data.image_names, queries, data.image_path, data.triplets)]
+    if dataset == "cirr":
+        cirr_split = "test1" if split == "test" else split
+        data = CIRRDataset(root, cirr_split, "relative", _identity)
+        queries = [Query(str(t["pairid"]), t["reference"], t["caption"], t.get("target_hard", ""),
+                         members=list(t["img_set"]["members"])) for t in data.triplets]
+        return [Task("cirr", dataset, cirr_split, root, data.image_names, queries, data.image_path, data.triplets)]
+    tasks = []
+    for category in FIQ_CATEGORIES:
+        data = FashionIQDataset(root, split, [category], "relative", _identity)
+        queries = [Query(f"{category}:{i}", t["candidate"], _fiq_caption(t["captions"]), t.get("target", ""))
+                   for i, t in enumerate(data.triplets)]
+        tasks.append(Task(category, dataset, split, root, data.image_names, queries, data.image_path, data.triplets))
+    return tasks
+
+
+def image_key(task: Task, name: str) -> str:
+    """Cache key of an image: its path inside the dataset and its size in bytes."""
+    path = task.image_path(name)
+    return f"{task.dataset}/{path.relative_to(task.root).as_posix()}:{path.stat().st_size}"
+
+
+class _ImageFiles(Dataset):
+    def __init__(self, keys: Sequence[str], paths: dict[str, Path], transform: Callable) -> None:
+        self.keys, self.paths, self.transform = list(keys), paths, transform
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        key = self.keys[index]
+        return {"key": key, "image": self.transform(load_image(self.paths[key]))}
+
+
+# ---------------------------------------------------------------------------------------------- features
+@torch.no_grad()
+def image_embeddings(
+    backbone: CLIPBackbone, keys: Sequence[str], paths: dict[str, Path], transform: Callable, cache: TensorCache,
+    batch_size: int, num_workers: int, device: torch.device,
+) -> Tensor:
+    """Projected image embeddings [N, D] (not normalised: Φ takes them raw), computed if not cached."""
+    todo = cache.missing(keys)
+    loader = DataLoader(_ImageFiles(todo, paths, transform), batch_size=batch_size, num_workers=num_workers,
+                        collate_fn=collate_batch)
+    for batch in tqdm(loader, desc="image features", leave=False):
+        embeds = backbone.encode_image(batch["image"].to(device)).embeds.float().cpu()
+        cache.put(dict(zip(batch["key"], embeds)))
+    return cache.stack(keys)
+
+
+@torch.no_grad()
+def caption_set_features(
+    backbone: CLIPBackbone, caption_sets: Sequence[Sequence[str]], cache: TensorCache, batch_size: int,
+    device: torch.device,
+) -> Tensor:
+    """[M, D]: for each set, ``mean_i f_t(C_i)`` of the L2-normalised caption features (Eqs. 5, 7).
+
+    An empty set (every answer for it failed) gives a zero row, which drops the term for that query.
+    """
+    keys = [fingerprint(list(captions)) for captions in caption_sets]
+    by_key = {key: list(captions) for key, captions in zip(keys, caption_sets) if captions}
+    todo = cache.missing(by_key)
+    group: list[str] = []
+    for position, key in enumerate(tqdm(todo, desc="caption features", leave=False)):
+        group.append(key)
+        if sum(len(by_key[k]) for k in group) < 8 * batch_size and position < len(todo) - 1:
+            continue
+        texts = [c for k in group for c in by_key[k]]
+        feats = torch.cat([
+            F.normalize(backbone.encode_text(backbone.tokenize(texts[i:i + batch_size]).to(device)).embeds.float(), dim=-1)
+            for i in range(0, len(texts), batch_size)
+        ]).cpu()
+        means, start = {}, 0
+        for k in group:
+            means[k] = feats[start:start + len(by_key[k])].mean(dim=0)
+            start += len(by_key[k])
+        cache.put(means)
+        group = []
+    dim = backbone.embed_dim
+    return torch.stack([cache[k] if k in by_key else torch.zeros(dim) for k in keys]) if keys else torch.zeros(0, dim)
+
+
+@torch.no_grad()
+def fine_grained_features(
+    backbone: CLIPBackbone, phi: Phi, prompts: Sequence[str], reference_embeds: Tensor, reference_keys: Sequence[str],
+    cache: TensorCache, batch_size: int, device: torch.device,
+) -> Tensor:
+    """``q_f`` [Q, D] (normalised): prompts encoded with ``$`` -> ``Φ(q_v)`` (Eqs. 1-2)."""
+    keys = [fingerprint([prompt, ref]) for prompt, ref in zip(prompts, reference_keys)]
+    index = {key: i for i, key in enumerate(keys)}
+    todo = cache.missing(keys)
+    placeholder = placeholder_token_id(backbone)
+    for start in tqdm(range(0, len(todo), batch_size), desc="fine-grained features", leave=False):
+        rows = [index[k] for k in todo[start:start + batch_size]]
+        pseudo = phi(reference_embeds[rows].to(device))  # [b, w]
+        embeds = encode_with_pseudo_words(backbone, [prompts[i] for i in rows], pseudo, placeholder)
+        cache.put(dict(zip(todo[start:start + batch_size], F.normalize(embeds.float(), dim=-1).cpu())))
+    return cache.stack(keys)
+
+
+# ---------------------------------------------------------------------------------------------- captions, LLM
+def gather_captions(args: argparse.Namespace, tasks: Sequence[Task], names: dict[str, list[str]],
+                    device: torch.device) -> dict[str, list[str]]:
+    """Image key -> captions for the images in ``names`` (task name -> image names): imported files first,
+    BLIP-2 (cached) for the rest."""
+    imported = read_caption_files(args.captions_file) if args.captions_file else {}
+    captions: dict[str, list[str]] = {}
+    missing: dict[str, Path] = {}
+    for task in tasks:
+        for name in names[task.name]:
+            key = image_key(task, name)
+            if name in imported:
+                captions[key] = imported[name][:args.num_captions] if args.num_captions else imported[name]
+            else:
+                missing[key] = task.image_path(name)
+    if missing:
+        if not args.captioner:
+            example = ", ".join(list(missing)[:3])
+            raise DataError(f"{len(missing)} images have no captions in --captions_file and no --captioner was given "
+                            f"(e.g. {example})")
+        captioner = Blip2Captioner(args.captioner, num_captions=args.num_captions or 15, top_p=args.top_p,
+                                   max_new_tokens=args.caption_max_tokens, prompt=args.caption_prompt,
+                                   seed=args.seed, device=device,
+                                   dtype=torch.float16 if args.captioner_fp16 else torch.float32)
+        cache = JsonCache(args.cache_dir, "captions", captioner.identity())
+        captions.update(caption_images(captioner, list(missing), lambda key: load_image(missing[key]), cache,
+                                       args.caption_batch_size))
+    return captions
+
+
+def _templates(args: argparse.Namespace) -> tuple[str, str]:
+    modify = Path(args.modify_prompt_file).read_text(encoding="utf-8") if args.modify_prompt_file else MODIFY_PROMPT
+    objects = Path(args.objects_prompt_file).read_text(encoding="utf-8") if args.objects_prompt_file else OBJECTS_PROMPT
+    return modify, objects
+
+
+def llm_jobs(queries: Sequence[Query], reference_captions: Sequence[list[str]], mode: str, want_modified: bool,
+             want_objects: bool, templates: tuple[str, str]) -> list[LLMJob]:
+    """The prompts of CVSI (§III-C). ``mode`` 'each' (the paper): one ``p_m`` per reference caption
+    ``C_i^B`` and ``p_a`` on ``C_1^B``; 'joined' (the released code): one of each on all captions
+    joined by commas."""
+    jobs = []
+    for query, captions in zip(queries, reference_captions):
+        contexts = captions if mode == "each" else [", ".join(captions)]
+        if want_modified:
+            jobs += [LLMJob(query.query_id, "modified_caption", i,
+                            build_messages(templates[0], context, query.caption, MODIFY_MARKER), parse_edited_description)
+                     for i, context in enumerate(contexts)]
+        if want_objects:
+            jobs.append(LLMJob(query.query_id, "added_objects", 0,
+                               build_messages(templates[1], contexts[0], query.caption, OBJECTS_MARKER), parse_added_objects))
+    return jobs
+
+
+def gather_answers(args: argparse.Namespace, tasks: Sequence[Task], captions: dict[str, list[str]],
+                   want_modified: bool, want_objects: bool) -> dict[str, QueryAnswers]:
+    """Query id -> LLM answers, from --llm_answers_file or the chat-completions server (cached)."""
+    if args.llm_answers_file:
+        lists = {t.name: ([q.query_id for q in t.queries], [q.caption for q in t.queries]) for t in tasks}
+        answers = match_answers(read_answer_files(args.llm_answers_file), lists)
+        lacking = [q.query_id for t in tasks for q in t.queries if q.query_id not in answers]
+        if lacking:
+            raise DataError(f"--llm_answers_file has no answers for {len(lacking)} queries (e.g. {lacking[:5]})")
+        return answers
+    config = ChatConfig.from_env(args.llm_base_url, args.llm_model, args.llm_api_key, timeout=args.llm_timeout,
+                                 max_retries=args.llm_retries, backoff=args.llm_backoff, concurrency=args.llm_concurrency,
+                                 max_tokens=args.llm_max_tokens)
+    templates = _templates(args)
+    cache = JsonCache(args.cache_dir, "llm_answers", config.identity())
+    client = ChatClient(config)
+    answers: dict[str, QueryAnswers] = {}
+    failures = []
+    for task in tasks:
+        references = [captions[image_key(task, q.reference)] for q in task.queries]
+        jobs = llm_jobs(task.queries, references, args.caption_context, want_modified, want_objects, templates)
+        done, failed = run_jobs(client, jobs, cache, desc=f"LLM {task.name}")
+        failures += failed
+        for query in task.queries:
+            answers[query.query_id] = QueryAnswers([], None)
+        for job in jobs:
+            if job.key not in done:
+                continue
+            if job.kind == "modified_caption":
+                answers[job.query_id].modified_captions.append(done[job.key])
+            else:
+                answers[job.query_id].added_objects = done[job.key]
+        write_answer_file(Path(args.output_dir) / f"llm_answers_{task.dataset}_{task.split}_{task.name}.json",
+                          [q.query_id for q in task.queries], [q.caption for q in task.queries],
+                          [answers[q.query_id] for q in task.queries])
+    if failures:
+        path = Path(args.output_dir) / f"llm_failures_{tasks[0].dataset}_{tasks[0].split}.json"
+        utils.atomic_write_json(path, [vars(f) for f in failures])
+        if not args.allow_llm_failures:
+            raise LLMError(f"{len(failures)} LLM answers failed (listed in {path}). Run again to retry only those "
+                           "(the others are cached), or pass --allow_llm_failures to leave the failed parts out")
+        _logger.warning("%d LLM answers failed (%s); their parts are left out of the queries", len(failures), path)
+    return answers
+
+
+# ---------------------------------------------------------------------------------------------- scoring
+def _ranked(query: Tensor, target: Tensor, names: list[str], k: int) -> list[list[str]]:
+    _, top = utils.topk_retrieval(F.normalize(query, dim=-1), F.normalize(target, dim=-1), k)
+    return [[names[i] for i in row] for row in top.tolist()]
+
+
+def evaluate(task: Task, query: Tensor, target: Tensor) -> dict[str, float]:
+    """Val metrics of one task with the project's metric code (cosine similarity, Eq. 10)."""
+    q, t = F.normalize(query, dim=-1), F.normalize(target, dim=-1)
+    queries = task.queries
+    if task.dataset == "circo":
+        ranked = _ranked(q, t, task.gallery, SUBMISSION_TOP_K)
+        return utils.circo_metrics(ranked, [x.gt for x in queries], [x.target for x in queries],
+                                   [x.aspects for x in queries])
+    if task.dataset == "cirr":
+        return utils.cirr_metrics(q, t, task.gallery, [x.reference for x in queries], [x.target for x in queries],
+                                  [x.members for x in queries])
+    return utils.fiq_metrics(q, t, task.gallery, [x.target for x in queries])
+
+
+def write_test_outputs(task: Task, query: Tensor, target: Tensor, output_dir: Path, name: str) -> list[Path]:
+    """CIRCO / CIRR test submissions (checked before they are written), FashionIQ top-50 rankings."""
+    queries = task.queries
+    if task.dataset == "circo":
+        ranked = _ranked(query, target, task.gallery, SUBMISSION_TOP_K)
+        submission = utils.circo_submission(ranked, [int(x.query_id) for x in queries])
+        expected = min(SUBMISSION_TOP_K, len(task.gallery))
+        problems = [f"query {qid}: {len(ids)} predictions, expected {expected}"
+                    for qid, ids in submission.items() if len(ids) != expected]
+        if len(submission) != len(queries):
+            problems.append(f"{len(queries) - len(submission)} queries missing")
+        if problems:
+            raise utils.SubmissionError(problems)
+        path = output_dir / f"circo_test_submission_{name}.json"
+        utils.atomic_write_json(path, submission, indent=None)
+        return [path]
+    if task.dataset == "cirr":
+        q, t = F.normalize(query, dim=-1), F.normalize(target, dim=-1)
+        recall, subset = utils.cirr_submission(q, t, task.gallery, [x.reference for x in queries],
+                                               [x.members for x in queries], [x.query_id for x in queries])
+        return list(utils.write_cirr_submission(output_dir, name, recall, subset, task.annotations))
+    ranked = _ranked(query, target, task.gallery, SUBMISSION_TOP_K)
+    path = output_dir / f"fashioniq_{task.name}_test_rankings_{name}.json"
+    utils.atomic_write_json(path, {x.query_id: r for x, r in zip(queries, ranked)})
+    return [path]
+
+
+# ---------------------------------------------------------------------------------------------- run
+def fusion_rows(args: argparse.Namespace) -> dict[str, FusionWeights]:
+    """The weightings to score: the configured CVSI, plus the paper's ablations with ``--ablations``."""
+    preset = PRESETS[args.dataset]
+    weights = FusionWeights(
+        preset.alpha if args.alpha is None else args.alpha,
+        preset.beta if args.beta is None else args.beta,
+        preset.gamma if args.gamma is None else args.gamma,
+    ).without(args.drop or ())
+    rows = {FULL_ROW: weights}
+    if args.ablations:
+        rows.update({name: weights.without(dropped) for name, dropped in ABLATIONS.items()})
+    for row, row_weights in rows.items():
+        try:
+            row_weights.check_usable()
+        except ValueError as exc:
+            raise ValueError(f"{row}: {exc}") from exc
+    return rows
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    """Run CVSI as configured by ``zero_shot_cvsi.py``'s options.
+
+    Returns:
+        {"metrics": {row: metrics}} on val (FashionIQ rows summarised over categories),
+        {"files": [paths]} on test.
+    """
+    utils.set_seed(args.seed)
+    output_dir = Path(args.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    rows = fusion_rows(args)
+    if args.split == "test" and len(rows) > 1:
+        _logger.warning("--ablations is ignored on the test split: only the configured CVSI is submitted")
+        rows = {FULL_ROW: rows[FULL_ROW]}
+    needed = set().union(*(w.needed() for w in rows.values()))
+    _logger.info("fusion %s; components computed: %s", {k: (w.query(), w.target()) for k, w in rows.items()},
+                 sorted(needed))
+
+    root = resolve_root(args.dataset, args.data_root)
+    tasks = load_tasks(args.dataset, root, args.split)
+    backbone = create_backbone(args.clip_model_name, None if args.pretrained in (None, "", "none") else args.pretrained)
+    backbone = backbone.to(device).eval().requires_grad_(False)
+    backbone_id = {"clip": args.clip_model_name, "pretrained": args.pretrained, "weights": module_fingerprint(backbone)}
+    transform = build_transform(args.transform, backbone.image_size)
+    image_cache = TensorCache(args.cache_dir, "image_features", {**backbone_id, "transform": args.transform})
+    text_cache = TensorCache(args.cache_dir, "caption_features", backbone_id)
+
+    phi, phi_cache = None, None
+    if "q_f" in needed:
+        if not args.phi_checkpoint:
+            raise ValueError("the fine-grained feature q_f needs a LinCIR Φ checkpoint: pass --phi_checkpoint "
+                             "(or --drop q_f)")
+        phi = load_phi(args.phi_checkpoint, backbone.embed_dim, backbone.text_width, device).to(device)
+        phi_cache = TensorCache(args.cache_dir, "fine_grained_features",
+                                {**backbone_id, "phi": file_fingerprint(args.phi_checkpoint)})
+
+    want_modified, want_objects = "q_m" in needed, "q_f" in needed
+    caption_names = {t.name: (t.gallery if "t_c" in needed else [])
+                     + ([q.reference for q in t.queries] if want_modified or want_objects else []) for t in tasks}
+    captions = gather_captions(args, tasks, caption_names, device) if any(caption_names.values()) else {}
+    answers = gather_answers(args, tasks, captions, want_modified, want_objects) if want_modified or want_objects else {}
+
+    per_row: dict[str, dict[str, dict[str, float]]] = {row: {} for row in rows}
+    files: list[Path] = []
+    for task in tasks:
+        gallery_keys = [image_key(task, n) for n in task.gallery]
+        reference_keys = [image_key(task, q.reference) for q in task.queries]
+        features: dict[str, Tensor | None] = dict.fromkeys(("q_m", "q_f", "q_v", "t_c", "t_v"))
+        if needed & {"t_v", "q_v", "q_f"}:
+            paths = {image_key(task, n): task.image_path(n) for n in {*task.gallery, *(q.reference for q in task.queries)}}
+            keys = list(dict.fromkeys(gallery_keys + reference_keys))
+            embeds = dict(zip(keys, image_embeddings(backbone, keys, paths, transform, image_cache, args.batch_size,
+                                                     args.num_workers, device)))
+            reference_embeds = torch.stack([embeds[k] for k in reference_keys])
+            features["t_v"] = F.normalize(torch.stack([embeds[k] for k in gallery_keys]), dim=-1)
+            features["q_v"] = F.normalize(reference_embeds, dim=-1)
+        if "t_c" in needed:
+            features["t_c"] = caption_set_features(backbone, [captions[k] for k in gallery_keys], text_cache,
+                                                   args.batch_size, device)
+        if want_modified:
+            features["q_m"] = caption_set_features(
+                backbone, [answers[q.query_id].modified_captions for q in task.queries], text_cache, args.batch_size, device)
+        if want_objects:
+            prompts = [fine_grained_prompt(q.caption, answers[q.query_id].added_objects) for q in task.queries]
+            features["q_f"] = fine_grained_features(backbone, phi, prompts, reference_embeds, reference_keys, phi_cache,
+                                                    args.batch_size, device)
+        for row, weights in rows.items():
+            query = fuse_query(weights, features["q_m"], features["q_f"], features["q_v"])
+            target = fuse_target(weights, features["t_c"], features["t_v"])
+            if args.split == "test":
+                files += write_test_outputs(task, query, target, output_dir, args.submission_name)
+            else:
+                per_row[row][task.name] = evaluate(task, query, target)
+
+    if args.split == "test":
+        for path in files:
+            _logger.info("wrote %s", path)
+        return {"files": files}
+    metrics = {row: (utils.summarize_fiq(sets) if args.dataset == "fashioniq" else sets[tasks[0].name])
+               for row, sets in per_row.items()}
+    utils.atomic_write_json(output_dir / f"metrics_{args.dataset}_{args.split}.json", metrics)
+    return {"metrics": metrics}

@@ -1,0 +1,99 @@
+"""CVSI zero-shot composed image retrieval (Ye et al.) on CIRR, FashionIQ or CIRCO.
+
+    python zero_shot_cvsi.py --dataset circo --split val --data_root /data/CIRCO \\
+        --clip_model_name ViT-L-14 --pretrained openai --phi_checkpoint lincir_large.pt \\
+        --captioner Salesforce/blip2-opt-6.7b-coco --llm_model gpt-3.5-turbo
+
+Val splits print a metric table (CIRCO mAP@k, R@k and per-aspect mAP@10; CIRR R@k / Rs@k; FashionIQ
+R@10 / R@50); test splits write the benchmark submission files. See docs/cvsi.md.
+"""
+from __future__ import annotations
+
+import argparse
+from typing import Any, Sequence
+
+import utils
+from cvsi.fusion import COMPONENTS, GROUPS, PRESETS
+from cvsi.pipeline import run
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    data = parser.add_argument_group("data")
+    data.add_argument("--dataset", choices=sorted(PRESETS), required=True)
+    data.add_argument("--split", choices=("val", "test"), default="val")
+    data.add_argument("--data_root", required=True, help="the dataset folder or its parent")
+    data.add_argument("--transform", choices=("clip", "targetpad"), default="targetpad",
+                      help="image preprocessing (the CVSI release uses targetpad)")
+
+    model = parser.add_argument_group("CLIP and Φ")
+    model.add_argument("--clip_model_name", default="ViT-B-32", help="any open_clip ViT model name")
+    model.add_argument("--pretrained", default="openai", help="open_clip pretrained tag or local file; 'none' for random weights")
+    model.add_argument("--phi_checkpoint", default=None, help="LinCIR mapping network Φ checkpoint for the same CLIP")
+
+    fusion = parser.add_argument_group("fusion (defaults: the paper's per-dataset presets)")
+    fusion.add_argument("--alpha", type=float, default=None, help="weight of q_m (CIRR/CIRCO 0.6, FashionIQ 0.2)")
+    fusion.add_argument("--beta", type=float, default=None, help="weight of q_f (CIRR/CIRCO 0.4, FashionIQ 0.6)")
+    fusion.add_argument("--gamma", type=float, default=None, help="weight of t_c (CIRR/CIRCO 0.2, FashionIQ 0.1)")
+    fusion.add_argument("--drop", nargs="+", choices=(*COMPONENTS, *GROUPS), default=[],
+                        help="components to leave out (weight 0); 'visual' = q_f q_v t_v, 'semantic' = q_m t_c")
+    fusion.add_argument("--ablations", action="store_true",
+                        help="also score every row of the paper's ablation table (val only; features are shared)")
+
+    captions = parser.add_argument_group("captions")
+    captions.add_argument("--captions_file", nargs="+", default=[],
+                          help="precomputed captions (CVSI release layout, JSON); images not listed are captioned")
+    captions.add_argument("--captioner", default=None, help="BLIP-2 checkpoint name or local path, e.g. Salesforce/blip2-opt-6.7b-coco")
+    captions.add_argument("--num_captions", type=int, default=None, help="N captions per image (captioner default 15; caps imported lists)")
+    captions.add_argument("--top_p", type=float, default=0.9)
+    captions.add_argument("--caption_max_tokens", type=int, default=30)
+    captions.add_argument("--caption_prompt", default="", help="text the captioner continues, e.g. 'a photo of'")
+    captions.add_argument("--caption_batch_size", type=int, default=8)
+    captions.add_argument("--captioner_fp16", action="store_true")
+
+    llm = parser.add_argument_group("LLM (OpenAI-compatible chat completions)")
+    llm.add_argument("--llm_answers_file", nargs="+", default=[], help="precomputed answers (CVSI release layout) instead of an LLM")
+    llm.add_argument("--llm_base_url", default=None, help="e.g. https://api.openai.com/v1 (env CVSI_LLM_BASE_URL or OPENAI_BASE_URL)")
+    llm.add_argument("--llm_model", default=None, help="e.g. gpt-3.5-turbo (env CVSI_LLM_MODEL)")
+    llm.add_argument("--llm_api_key", default=None, help="default: env OPENAI_API_KEY")
+    llm.add_argument("--llm_concurrency", type=int, default=8)
+    llm.add_argument("--llm_timeout", type=float, default=60.0)
+    llm.add_argument("--llm_retries", type=int, default=6)
+    llm.add_argument("--llm_backoff", type=float, default=1.0, help="first retry delay in seconds, doubled per retry")
+    llm.add_argument("--llm_max_tokens", type=int, default=256)
+    llm.add_argument("--caption_context", choices=("each", "joined"), default="each",
+                     help="'each': one modified caption per reference caption, objects from C_1 (the paper); "
+                          "'joined': one prompt on all captions joined (the released code)")
+    llm.add_argument("--modify_prompt_file", default=None, help="replace the p_m template (text file)")
+    llm.add_argument("--objects_prompt_file", default=None, help="replace the p_a template (text file)")
+    llm.add_argument("--allow_llm_failures", action="store_true",
+                     help="score even if some answers failed (their parts left out); default: stop after listing them")
+
+    run_group = parser.add_argument_group("run")
+    run_group.add_argument("--cache_dir", default="cvsi_cache")
+    run_group.add_argument("--output_dir", default="cvsi_output")
+    run_group.add_argument("--submission_name", default="cvsi")
+    run_group.add_argument("--batch_size", type=int, default=64)
+    run_group.add_argument("--num_workers", type=int, default=0)
+    run_group.add_argument("--device", default=None)
+    run_group.add_argument("--seed", type=int, default=0)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    args = build_parser().parse_args(argv)
+    utils.setup_logging(None)
+    result = run(args)
+    if "metrics" in result:
+        metrics = result["metrics"]
+        main_keys = {row: {k: v for k, v in m.items() if "_" not in k or args.dataset == "fashioniq"} for row, m in metrics.items()}
+        print(utils.metrics_table(main_keys))
+        aspects = {row: {k.removeprefix("mAP@10_"): v for k, v in m.items() if k.startswith("mAP@10_")} for row, m in metrics.items()}
+        if any(aspects.values()):
+            print("\nmAP@10 per semantic aspect")
+            print(utils.metrics_table(aspects))
+    return result
+
+
+if __name__ == "__main__":
+    main()
