@@ -13,9 +13,13 @@ from pathlib import Path
 from typing import Sequence
 
 import utils
+from feature_cache import checkpoint_gallery_encoder
 from distributed import init_distributed
 from precision import PRECISIONS, effective_precision
-from training import encode_gallery, encode_queries, load_trained_model, resolve_dataset_root, retrieval_sets, run_directory
+from training import (
+    encode_gallery, encode_queries, load_trained_model, preprocessing_settings, resolve_dataset_root, retrieval_sets,
+    run_directory,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -43,7 +47,10 @@ def main(argv: Sequence[str] | None = None) -> tuple[Path, Path]:
     if not data_root:
         raise ValueError(f"{args.checkpoint} records no data_root: pass --data_root")
     (test_set,) = retrieval_sets("cirr", resolve_dataset_root(data_root, "cirr"), "test1", trained.transform)
-    names, gallery = encode_gallery(trained.model, test_set.gallery, device, precision, "ssn", args.batch_size, args.num_workers)
+    encode = checkpoint_gallery_encoder(args.checkpoint, run_directory(args.checkpoint) / "feature_cache", "test1",
+                                        preprocessing_settings(trained, precision))
+    names, gallery = encode(test_set, "ssn", lambda: encode_gallery(
+        trained.model, test_set.gallery, device, precision, "ssn", args.batch_size, args.num_workers))
     queries, meta = encode_queries(trained.model, test_set.queries, device, precision, "ssn", args.batch_size, args.num_workers)
     recall, subset = utils.cirr_submission(queries, gallery, names, meta["reference_name"], meta["members"], meta["pair_id"])
     output_dir = Path(args.output_dir) if args.output_dir else run_directory(args.checkpoint) / "submission"

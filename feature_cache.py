@@ -15,6 +15,7 @@ import logging
 import os
 import pickle
 from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 from pathlib import Path
 
 import torch
@@ -104,3 +105,20 @@ def cached_gallery_features(
     utils.atomic_write_bytes(path, buffer.getvalue())
     _logger.info("gallery features for %s (%s) computed and cached in %s", split, method, path)
     return names, features
+
+
+def checkpoint_gallery_encoder(
+    checkpoint_path: str | os.PathLike, cache_dir: str | os.PathLike, split: str, settings: Mapping[str, str],
+) -> Callable[[Any, str, Callable[[], tuple[Sequence[str], Tensor]]], tuple[list[str], Tensor]]:
+    """A ``gallery_encoder`` for :func:`training.evaluate`: galleries of a fixed checkpoint, cached.
+
+    The checkpoint is hashed once; each retrieval set is keyed by ``<dataset>/<set name>/<split>``, its
+    image names and the method, plus ``settings`` (precision, preprocessing).
+    """
+    identity = checkpoint_identity(checkpoint_path)
+
+    def encode(retrieval_set: Any, method: str, compute: Callable[[], tuple[Sequence[str], Tensor]]) -> tuple[list[str], Tensor]:
+        return cached_gallery_features(cache_dir, identity, f"{retrieval_set.name}/{split}",
+                                       retrieval_set.gallery.image_names, method, compute, settings)
+
+    return encode

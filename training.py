@@ -214,14 +214,27 @@ def encode_queries(
     return torch.cat(features), metadata
 
 
+GalleryEncoder = Callable[[RetrievalSet, str, Callable[[], tuple[list[str], torch.Tensor]]], tuple[list[str], torch.Tensor]]
+FeatureCallback = Callable[[RetrievalSet, list[str], torch.Tensor, torch.Tensor, dict[str, list]], None]
+
+
 def evaluate(
     model: SSNModel, sets: Sequence[RetrievalSet], dataset: str, device: torch.device, precision: str = "fp32",
     method: str = "ssn", batch_size: int = 64, num_workers: int = 0,
+    gallery_encoder: GalleryEncoder | None = None, on_features: FeatureCallback | None = None,
 ) -> dict[str, float]:
-    """Validation recalls: CIRR R@k / Rs@k / Avg, or FashionIQ R@10 / R@50 per category and averaged."""
+    """Validation recalls: CIRR R@k / Rs@k / Avg, or FashionIQ R@10 / R@50 per category and averaged.
+
+    ``gallery_encoder(set, method, compute)`` may replace the gallery encoding (e.g. by a feature cache
+    that calls ``compute`` on a miss); ``on_features(set, names, gallery [G, D], queries [Q, D], meta)``
+    sees each set's features after ranking (e.g. to draw retrieval examples from them).
+    """
     per_set = {}
     for retrieval_set in sets:
-        names, gallery = encode_gallery(model, retrieval_set.gallery, device, precision, method, batch_size, num_workers)
+        def compute() -> tuple[list[str], torch.Tensor]:
+            return encode_gallery(model, retrieval_set.gallery, device, precision, method, batch_size, num_workers)
+
+        names, gallery = gallery_encoder(retrieval_set, method, compute) if gallery_encoder else compute()
         queries, meta = encode_queries(model, retrieval_set.queries, device, precision, method, batch_size, num_workers)
         if dataset == "cirr":
             per_set[retrieval_set.name] = utils.cirr_metrics(
@@ -229,6 +242,8 @@ def evaluate(
             )
         else:
             per_set[retrieval_set.name] = utils.fiq_metrics(queries, gallery, names, meta["target_name"])
+        if on_features is not None:
+            on_features(retrieval_set, names, gallery, queries, meta)
     return per_set["cirr"] if dataset == "cirr" else utils.summarize_fiq(per_set)
 
 
@@ -823,6 +838,13 @@ def run_directory(checkpoint_path: str | os.PathLike) -> Path:
     """The run folder of a checkpoint (``<run>/checkpoints/x.pt`` -> ``<run>``)."""
     checkpoint = Path(checkpoint_path)
     return checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else checkpoint.parent
+
+
+def preprocessing_settings(trained: TrainedModel, precision: str) -> dict[str, str]:
+    """What, besides the weights, changes a trained model's gallery features (feature cache keys)."""
+    args = trained.train_args
+    return {"precision": precision, "transform": str(args.get("transform", "clip")),
+            "target_ratio": str(args.get("target_ratio", 1.25)), "image_size": str(trained.model.backbone.image_size)}
 
 
 def load_trained_model(checkpoint_path: str | os.PathLike, device: torch.device) -> TrainedModel:

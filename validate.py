@@ -20,8 +20,9 @@ import visualize
 from distributed import init_distributed
 from model import RETRIEVAL_METHODS
 from precision import PRECISIONS, effective_precision
+from feature_cache import checkpoint_gallery_encoder
 from training import (
-    FIQ_CATEGORIES, RetrievalSet, TrainedModel, encode_gallery, encode_queries, evaluate, load_trained_model,
+    FIQ_CATEGORIES, FeatureCallback, RetrievalSet, TrainedModel, evaluate, load_trained_model, preprocessing_settings,
     resolve_dataset_root, retrieval_sets, run_directory,
 )
 
@@ -39,25 +40,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--num_workers", type=int, default=0)
     parser.add_argument("--device", default=None)
     parser.add_argument("--precision", choices=PRECISIONS, default="amp")
+    parser.add_argument("--no_cache", action="store_true",
+                        help="re-encode the galleries instead of using <run>/feature_cache (keyed by the checkpoint's content)")
     parser.add_argument("--visualize", type=int, default=0, metavar="K",
                         help="also write a retrieval grid (PNG + HTML) of K queries, successes and failures, beside the metrics JSON")
     return parser
 
 
-def evaluate_and_visualize(
-    trained: TrainedModel, sets: list[RetrievalSet], device: torch.device, precision: str, args: argparse.Namespace, output: Path,
-) -> dict[str, float]:
-    """SSN metrics as :func:`training.evaluate` computes them, plus a grid per set drawn from the same features."""
-    per_set = {}
-    for retrieval_set in sets:
-        names, gallery = encode_gallery(trained.model, retrieval_set.gallery, device, precision, "ssn", args.batch_size, args.num_workers)
-        queries, meta = encode_queries(trained.model, retrieval_set.queries, device, precision, "ssn", args.batch_size, args.num_workers)
-        if trained.dataset == "cirr":
-            per_set[retrieval_set.name] = utils.cirr_metrics(
-                queries, gallery, names, meta["reference_name"], meta["target_name"], meta["members"]
-            )
-        else:
-            per_set[retrieval_set.name] = utils.fiq_metrics(queries, gallery, names, meta["target_name"])
+def visualizer(trained: TrainedModel, args: argparse.Namespace, output: Path) -> FeatureCallback:
+    """Draws a retrieval grid per set from the features the metrics were computed with."""
+    def draw(retrieval_set: RetrievalSet, names: list[str], gallery: torch.Tensor, queries: torch.Tensor, meta: dict) -> None:
         examples = visualize.retrieval_examples(
             trained.model, retrieval_set.queries, retrieval_set.gallery, names, queries, gallery, meta, args.visualize,
             exclude_reference=trained.dataset == "cirr",  # as the metrics: CIRR removes the reference, FashionIQ not
@@ -65,7 +57,8 @@ def evaluate_and_visualize(
         title = f"{retrieval_set.name} val: {Path(args.checkpoint).name} ({trained.train_args.get('clip_model_name', '?')})"
         png, page = visualize.write_retrieval_examples(examples, output, retrieval_set.name, title)
         _logger.info("retrieval examples: %s, %s", png, page)
-    return per_set["cirr"] if trained.dataset == "cirr" else utils.summarize_fiq(per_set)
+
+    return draw
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, float]]:
@@ -81,10 +74,16 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, float]]:
     sets = retrieval_sets(trained.dataset, root, "val", trained.transform, trained.train_args.get("dress_types", FIQ_CATEGORIES))
     methods = RETRIEVAL_METHODS if args.baselines else ("ssn",)
     output = Path(args.output) if args.output else run_directory(args.checkpoint) / "validation.json"
+    gallery_encoder = None
+    if not args.no_cache:
+        gallery_encoder = checkpoint_gallery_encoder(
+            args.checkpoint, run_directory(args.checkpoint) / "feature_cache", "val",
+            preprocessing_settings(trained, precision),
+        )
+    draw = visualizer(trained, args, output) if args.visualize > 0 else None
     results = {
-        method: evaluate_and_visualize(trained, sets, device, precision, args, output)
-        if method == "ssn" and args.visualize > 0
-        else evaluate(trained.model, sets, trained.dataset, device, precision, method, args.batch_size, args.num_workers)
+        method: evaluate(trained.model, sets, trained.dataset, device, precision, method, args.batch_size,
+                         args.num_workers, gallery_encoder, on_features=draw if method == "ssn" else None)
         for method in methods
     }
     utils.atomic_write_json(output, {"checkpoint": str(args.checkpoint), "dataset": trained.dataset, "split": "val", "metrics": results})

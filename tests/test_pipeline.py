@@ -132,3 +132,19 @@ def test_the_ssn_readme_command_is_accepted(cirr_root):
     args = build_train_parser("cirr").parse_args(["--data_root", str(cirr_root), *command])
     assert (args.clip_model_name, args.pretrained, args.optimizer) == ("ViT-B-32", "openai", "adam")
     check_official_dims(args, build_ssn_model("ViT-B-32"))  # random weights: same shapes as OpenAI's
+
+
+def test_validation_reuses_cached_gallery_features(cirr_run, tmp_path, monkeypatch):
+    import training
+
+    argv = ["--checkpoint", str(cirr_run / "checkpoints" / "best.pt"), "--output", str(tmp_path / "v.json")]
+    first = validate.main(argv)
+    assert list((cirr_run / "feature_cache").glob("gallery_*.pt"))
+
+    def no_encoding(*args, **kwargs):
+        raise AssertionError("the gallery was encoded again")
+
+    monkeypatch.setattr(training, "encode_gallery", no_encoding)
+    assert validate.main(argv) == first
+    with pytest.raises(AssertionError, match="encoded again"):
+        validate.main(argv + ["--no_cache"])
