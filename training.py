@@ -28,7 +28,9 @@ from tqdm import tqdm
 import utils
 import visualize
 from data_utils import CIRRDataset, DataError, FashionIQDataset, SkipBadSamples, SkippedSample, build_transform, collate_batch
-from distributed import DistributedEnv, init_distributed
+from distributed import (
+    DistributedEnv, all_gather_with_grad, any_rank, barrier, cleanup_distributed, init_distributed, unwrap_model, wrap_model,
+)
 from model import SSNModel, build_ssn_model, check_model_config, ssn_loss_terms, ssn_model_from_checkpoint
 from model.ssn_model import check_state_dict
 from precision import PRECISIONS, autocast, effective_precision, grad_scaler
@@ -98,10 +100,11 @@ class ResumableSampler(Sampler[int]):
     """Seeded per-epoch permutation of a dataset, sharded over replicas, that can start mid-epoch.
 
     Epoch ``e`` visits ``randperm(num_samples)`` drawn from a generator seeded with ``seed + e``, so
-    the order of an epoch depends only on the seed and the epoch, never on resumes.  The permutation
-    is cut to a multiple of ``num_replicas`` (as ``DistributedSampler(drop_last=True)`` does) and rank
-    ``r`` takes every ``num_replicas``-th index from position ``r``; each rank then yields whole
-    batches of ``batch_size`` only (the tail is dropped), so every rank runs the same number of steps.
+    the order of an epoch depends only on the seed and the epoch, never on resumes.  The permutation is
+    cut into global batches of ``num_replicas · batch_size`` (the tail is dropped) and rank ``r`` takes
+    the ``r``-th block of ``batch_size`` of each: the ranks' batches gathered in rank order are exactly
+    the batches one process with ``num_replicas · batch_size`` would see, and every rank runs the same
+    number of steps.
     :meth:`set_epoch` with ``start_step`` skips the batches an interrupted run already trained on.
 
     Args:
@@ -139,9 +142,9 @@ class ResumableSampler(Sampler[int]):
         """This rank's indices for the whole current epoch, in visiting order."""
         generator = torch.Generator().manual_seed(self.seed + self.epoch)
         order = torch.randperm(self.num_samples, generator=generator)
-        per_rank = self.num_samples // self.num_replicas
-        shard = order[: per_rank * self.num_replicas][self.rank :: self.num_replicas]
-        return shard[: self.steps_per_epoch * self.batch_size].tolist()
+        steps = self.steps_per_epoch
+        global_batches = order[: steps * self.num_replicas * self.batch_size].view(steps, self.num_replicas, self.batch_size)
+        return global_batches[:, self.rank].reshape(-1).tolist()
 
     def __iter__(self) -> Iterator[int]:
         return iter(self.epoch_indices()[self.start_step * self.batch_size :])
@@ -317,7 +320,7 @@ def _gradient_norm(model: nn.Module) -> torch.Tensor:
 
 
 def _train_step(
-    model: SSNModel, batch: dict[str, Any], optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+    model: nn.Module, batch: dict[str, Any], optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
     state: TrainState, device: torch.device, precision: str, kl_weight: float, grad_clip: float | None,
     max_nonfinite_steps: int,
 ) -> dict[str, torch.Tensor] | None:
@@ -327,15 +330,20 @@ def _train_step(
     steps whose gradients overflowed and lowers its scale; a lowered scale (or a non-finite loss) counts
     as a skipped step.  ``max_nonfinite_steps`` consecutive skips raise :class:`NonFiniteLossError`;
     the weights and optimiser state are never updated by a skipped step.
+
+    ``model`` may be wrapped in DistributedDataParallel: the features of every rank are gathered (with
+    their gradients) so that the contrastive and KL terms see the global batch.
     """
     reference = batch["reference_image"].to(device, non_blocking=True)
     target = batch["target_image"].to(device, non_blocking=True)
-    token_ids = model.backbone.tokenize(batch["caption"]).to(device)
+    token_ids = unwrap_model(model).backbone.tokenize(batch["caption"]).to(device)
     optimizer.zero_grad(set_to_none=True)
     with autocast(precision, device):
-        q_pos, q_neg, target_features = model(reference, target, token_ids)
-    # The loss in fp32: scale-100 logits and their softmax are where fp16 loses precision.
-    terms = ssn_loss_terms(q_pos.float(), q_neg.float(), target_features.float(), kl_weight=kl_weight)
+        features = model(reference, target, token_ids)  # (q⁺, q⁻, t), each [b, D]
+    # The loss in fp32 (scale-100 logits and their softmax are where fp16 loses precision), on the global
+    # batch: [world·b, D] each.
+    q_pos, q_neg, target_features = (all_gather_with_grad(f.float()) for f in features)
+    terms = ssn_loss_terms(q_pos, q_neg, target_features, kl_weight=kl_weight)
     loss = terms["loss"]
     scaler.scale(loss).backward()
     if grad_clip:
@@ -372,7 +380,7 @@ def _train_step(
 
 
 def train_one_epoch(
-    model: SSNModel,
+    model: nn.Module,
     loader: DataLoader,
     optimizer: torch.optim.Optimizer,
     scaler: torch.amp.GradScaler,
@@ -692,7 +700,8 @@ def run_training(args: argparse.Namespace, dataset: str) -> Path:
         output_dir = Path(f"runs/{dataset}_{datetime.now():%Y%m%d_%H%M%S}")
     checkpoint_dir = output_dir / "checkpoints"
     checkpoint_dir.mkdir(parents=True, exist_ok=True)
-    logger = utils.setup_logging(output_dir)
+    # Rank 0 owns every output (log file, metrics, checkpoints, validation); other ranks only train.
+    logger = utils.setup_logging(output_dir if env.is_master else None)
     if args.deterministic:
         _enable_determinism(device)
     utils.set_seed(args.seed)
@@ -732,17 +741,24 @@ def run_training(args: argparse.Namespace, dataset: str) -> Path:
                 logger.info("dropped %d metrics records logged after the checkpoint was written", dropped)
         logger.info("resumed from %s at epoch %d, step %d of %d (global step %d)", args.resume, state.epoch + 1,
                     state.step_in_epoch, sampler.steps_per_epoch, state.global_step)
-    bad_samples = BadSampleLog(output_dir / "bad_samples.json", state.bad_samples) if args.skip_bad_samples else None
+    bad_samples_file = "bad_samples.json" if env.is_master else f"bad_samples_rank{env.rank}.json"
+    bad_samples = BadSampleLog(output_dir / bad_samples_file, state.bad_samples) if args.skip_bad_samples else None
+    train_model = wrap_model(model, env)  # DDP broadcasts rank 0's weights to every rank here
 
-    utils.atomic_write_json(output_dir / "args.json", vars(args))
-    metrics_logger = utils.MetricsLogger(
-        output_dir, comet_api_key=args.api_key, comet_workspace=args.workspace,
-        comet_project=args.project_name, run_args=vars(args),
-    )
-    logger.info("training %s on %s (%d triplets, %d steps/epoch) on %s, precision %s; outputs in %s",
-                args.clip_model_name, dataset, len(train_set), sampler.steps_per_epoch, device, precision, output_dir)
+    metrics_logger = None
+    if env.is_master:
+        utils.atomic_write_json(output_dir / "args.json", vars(args))
+        metrics_logger = utils.MetricsLogger(
+            output_dir, comet_api_key=args.api_key, comet_workspace=args.workspace,
+            comet_project=args.project_name, run_args=vars(args),
+        )
+    logger.info("training %s on %s (%d triplets, %d steps/epoch of %d x %d triplets) on %s, precision %s; outputs in %s",
+                args.clip_model_name, dataset, len(train_set), sampler.steps_per_epoch, env.world_size, args.batch_size,
+                device, precision, output_dir)
 
     def save(path: Path) -> None:
+        if not env.is_master:
+            return
         if state.nonfinite_steps:  # never replace a good checkpoint by a state inside a non-finite streak
             logger.warning("not writing %s during %d non-finite steps in a row", path, state.nonfinite_steps)
             return
@@ -752,7 +768,7 @@ def run_training(args: argparse.Namespace, dataset: str) -> Path:
     with PreemptionHandler() as preemption:
 
         def on_step_end() -> bool:
-            if preemption.requested:
+            if any_rank(preemption.requested, env):  # every rank stops at the same step
                 save(checkpoint_dir / "last.pt")
                 return True
             if args.checkpoint_every and state.global_step % args.checkpoint_every == 0:
@@ -762,13 +778,14 @@ def run_training(args: argparse.Namespace, dataset: str) -> Path:
         try:
             while state.epoch < args.num_epochs and not preemption.requested:
                 epoch = state.epoch
-                if 0 <= args.freeze_vision_epoch <= epoch:
+                if 0 <= args.freeze_vision_epoch <= epoch and model.vision_tower_trainable:
                     model.freeze_vision_tower()
+                    train_model = wrap_model(model, env)  # DDP must see which parameters still train
                 sampler.set_epoch(epoch, start_step=state.step_in_epoch)
                 loader_generator.manual_seed(loader_seed(args.seed, epoch, state.step_in_epoch))
                 start = time.time()
                 train_one_epoch(
-                    model, train_loader, optimizer, scaler, state, device, precision, args.kl_weight,
+                    train_model, train_loader, optimizer, scaler, state, device, precision, args.kl_weight,
                     args.grad_clip or None, args.max_nonfinite_steps, metrics_logger, args.log_every, args.num_epochs,
                     bad_samples, on_step_end,
                 )
@@ -776,11 +793,14 @@ def run_training(args: argparse.Namespace, dataset: str) -> Path:
                     break
                 scheduler.step()
                 epoch_loss = state.end_epoch()
-                metrics_logger.log({"epoch_loss": epoch_loss, "epoch_time_s": time.time() - start,
-                                    "lr": scheduler.get_last_lr()[0]}, step=state.global_step, epoch=state.epoch, prefix="train/")
+                if metrics_logger is not None:
+                    metrics_logger.log({"epoch_loss": epoch_loss, "epoch_time_s": time.time() - start,
+                                        "lr": scheduler.get_last_lr()[0]}, step=state.global_step, epoch=state.epoch,
+                                       prefix="train/")
                 logger.info("epoch %d/%d: loss %.4f (%.1f s)", state.epoch, args.num_epochs, epoch_loss, time.time() - start)
 
-                if state.epoch % args.validation_frequency == 0 or state.epoch == args.num_epochs:
+                validate_now = state.epoch % args.validation_frequency == 0 or state.epoch == args.num_epochs
+                if validate_now and env.is_master:
                     metrics = evaluate(model, val_sets, dataset, device, precision, "ssn", args.eval_batch_size, args.num_workers)
                     metrics_logger.log(metrics, step=state.global_step, epoch=state.epoch, prefix="val/")
                     logger.info("validation after epoch %d:\n%s", state.epoch, utils.metrics_table(metrics))
@@ -793,22 +813,28 @@ def run_training(args: argparse.Namespace, dataset: str) -> Path:
                     elif args.save_training and not args.save_best:
                         save(checkpoint_dir / f"epoch_{state.epoch}.pt")
                 save(checkpoint_dir / "last.pt")
+                barrier(env)  # the other ranks wait for rank 0's validation and checkpoints
         except DataError as error:
             logger.error("%s\n(--skip_bad_samples skips unreadable training samples, listing them in bad_samples.json)", error)
             raise
         finally:
-            metrics_logger.close()
+            if metrics_logger is not None:
+                metrics_logger.close()
             if bad_samples is not None:
                 bad_samples.write()
                 logger.info("%d training sample(s) skipped as unreadable; listed in %s", len(bad_samples.records),
                             bad_samples.path)
 
-    if preemption.requested and state.epoch < args.num_epochs:
+    stopped_early = state.epoch < args.num_epochs
+    cleanup_distributed()
+    if stopped_early:
         logger.warning("stopped by %s at epoch %d, step %d of %d; continue with --resume %s",
-                       preemption.received.name, state.epoch + 1, state.step_in_epoch, sampler.steps_per_epoch,
+                       preemption.received.name if preemption.received else "a signal to another rank", state.epoch + 1, state.step_in_epoch, sampler.steps_per_epoch,
                        checkpoint_dir / "last.pt")
         return output_dir
 
+    if not env.is_master:
+        return output_dir
     summary = {"best_metric": state.best_metric, "best_metrics": state.best_metrics, "epochs": state.epoch,
                "steps": state.global_step}
     utils.atomic_write_json(output_dir / "summary.json", summary)

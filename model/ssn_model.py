@@ -103,6 +103,10 @@ class SSNModel(nn.Module):
             raise ValueError(f"unknown optimizer {optimizer!r}; choose 'adam' or 'adamw'")
         return optimizer_class(groups + [backbone_group], **kwargs)
 
+    @property
+    def vision_tower_trainable(self) -> bool:
+        return any(p.requires_grad for p in self.backbone.vision_tower.parameters())
+
     def freeze_vision_tower(self) -> None:
         """FashionIQ recipe: only the text tower and the head are fine-tuned after the first epoch."""
         for param in self.backbone.vision_tower.parameters():

@@ -94,3 +94,33 @@ def test_two_gloo_processes_match_one_process_with_the_global_batch(tmp_path):
 def test_gather_is_the_identity_without_a_process_group():
     x = torch.randn(3, 2, requires_grad=True)
     assert all_gather_with_grad(x) is x
+
+
+def test_torchrun_two_cpu_processes_train_and_only_rank0_writes(tmp_path):
+    """train_cirr.py under torchrun (gloo, 2 processes): one set of outputs, validated once per epoch."""
+    import json
+    import subprocess
+    import sys
+
+    from data_utils import make_synthetic_cirr
+    import utils
+
+    root = make_synthetic_cirr(tmp_path / "data", seed=5, num_train=64, num_val=16, num_test=8)
+    output = tmp_path / "run"
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(WORLD_SIZE),
+        str(Path(__file__).resolve().parents[1] / "train_cirr.py"), "--data_root", str(root),
+        "--clip_model_name", "ViT-Tiny-P8-32", "--pretrained", "none", "--transform", "clip", "--num_workers", "0",
+        "--num_epochs", "2", "--batch_size", "8", "--lr", "1e-3", "--optimizer", "adamw", "--save_best",
+        "--device", "cpu", "--output_dir", str(output),
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env,
+                            cwd=Path(__file__).resolve().parents[1])
+    assert result.returncode == 0, result.stderr[-3000:]
+    records = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
+    assert sum("val/R@1" in r for r in records) == 2  # rank 0 validates, once per epoch
+    checkpoint = utils.load_checkpoint(output / "checkpoints" / "last.pt")
+    assert checkpoint["sampler"]["num_replicas"] == WORLD_SIZE
+    assert checkpoint["global_step"] == 2 * (64 // (WORLD_SIZE * 8))
+    assert (output / "summary.json").is_file() and not list(output.glob("*rank1*"))

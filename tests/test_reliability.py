@@ -166,6 +166,11 @@ def test_resumable_sampler_order_resume_and_shards():
         shard.set_epoch(2)
     indices = [list(shard) for shard in shards]
     assert all(len(i) == 16 for i in indices) and len({*indices[0], *indices[1], *indices[2]}) == 48
+    # Gathered in rank order, the ranks' batches are the batches of one process with batch 3·4.
+    single = ResumableSampler(50, 12, seed=3)
+    single.set_epoch(2)
+    gathered = [index for step in range(4) for shard in indices for index in shard[4 * step: 4 * step + 4]]
+    assert gathered == list(single)
     with pytest.raises(ValueError, match="rank"):
         ResumableSampler(50, 4, num_replicas=2, rank=2)
 
