@@ -51,6 +51,7 @@ __all__ = [
     "build_transform",
     "CIRRDataset",
     "FashionIQDataset",
+    "join_fiq_captions",
     "CIRCODataset",
     "SkippedSample",
     "SkipBadSamples",
@@ -405,6 +406,12 @@ def _strip_caption(caption: str) -> str:
     return caption.strip().strip(".?, ").strip()
 
 
+def join_fiq_captions(captions: Sequence[str]) -> str:
+    """FashionIQ's evaluation caption: the two relative captions as "c1 and c2"."""
+    first, second = (_strip_caption(c) for c in captions)
+    return f"{first} and {second}"
+
+
 class FashionIQDataset(_CIRDataset):
     """FashionIQ (Wu et al., CVPR 2021).
 
@@ -504,9 +511,9 @@ class FashionIQDataset(_CIRDataset):
             self._image_paths[image_id] = png
 
     def _caption(self, captions: Sequence[str]) -> str:
-        first, second = (_strip_caption(c) for c in captions)
         if self.caption_mode == "join":
-            return f"{first} and {second}"
+            return join_fiq_captions(captions)
+        first, second = (_strip_caption(c) for c in captions)
         return random.choice([f"{first} and {second}", f"{second} and {first}", first, second])
 
     def __getitem__(self, index: int) -> dict[str, Any]:

@@ -43,7 +43,8 @@ _logger = logging.getLogger("cir")
 def resolve_dataset_root(data_root: str | os.PathLike, dataset: str) -> Path:
     """Accept the dataset folder itself or its parent (``.../cirr_dataset`` or ``...``)."""
     root = Path(data_root).expanduser()
-    marker, folder = {"cirr": ("cirr", "cirr_dataset"), "fashioniq": ("captions", "fashion-iq")}[dataset]
+    marker, folder = {"cirr": ("cirr", "cirr_dataset"), "fashioniq": ("captions", "fashion-iq"),
+                      "circo": ("annotations", "CIRCO")}[dataset]
     for candidate in (root, root / folder):
         if (candidate / marker).is_dir():
             return candidate

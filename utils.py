@@ -710,6 +710,25 @@ def save_checkpoint(path: str | os.PathLike, state: Mapping[str, Any]) -> None:
     atomic_write_bytes(path, buffer.getvalue())
 
 
+def load_weights_only(
+    path: Path, error: type[Exception], what: str, map_location: str | torch.device = "cpu"
+) -> Any:
+    """``torch.load(path, weights_only=True)`` (no code from the file runs), failures as ``error(...)``.
+
+    A missing file and a file the weights-only unpickler cannot read raise ``error`` with a message
+    starting with ``"<what> <path>:"``; OSError (other than a missing file) and MemoryError pass through.
+    """
+    if not path.is_file():
+        raise error(f"{what} {path}: no such file")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except (OSError, MemoryError):
+        raise  # unreadable file or no memory: not a statement about the file's contents
+    except Exception as exc:  # a damaged file can fail anywhere in the unpickler (IndexError, KeyError, ...)
+        first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise error(f"{what} {path}: corrupt or not a weights-only checkpoint ({first_line})") from exc
+
+
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Load a checkpoint written by :func:`save_checkpoint` with ``torch.load(weights_only=True)``.
 
@@ -720,15 +739,7 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
         CheckpointError: the file is missing, unreadable as a weights-only checkpoint, or not ours.
     """
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint {path}: no such file")
-    try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
-    except (OSError, MemoryError):
-        raise  # unreadable file or no memory: not a statement about the file's contents
-    except Exception as exc:  # a damaged file can fail anywhere in the unpickler (IndexError, KeyError, ...)
-        first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise CheckpointError(f"checkpoint {path}: corrupt or not a weights-only checkpoint ({first_line})") from exc
+    state = load_weights_only(path, CheckpointError, "checkpoint", map_location)
     if not isinstance(state, dict) or _CHECKPOINT_VERSION_KEY not in state:
         raise CheckpointError(
             f"checkpoint {path}: not a checkpoint written by save_checkpoint (no {_CHECKPOINT_VERSION_KEY!r})"

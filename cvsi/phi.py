@@ -14,6 +14,7 @@ from typing import Any, Mapping
 import torch
 from torch import Tensor, nn
 
+import utils
 from utils import atomic_write_bytes
 
 __all__ = ["Phi", "PhiCheckpointError", "PHI_STATE_KEY", "load_phi", "save_phi"]
@@ -82,14 +83,7 @@ def load_phi(
             trained for).
     """
     path = Path(path)
-    if not path.is_file():
-        raise PhiCheckpointError(f"Φ checkpoint {path}: no such file")
-    try:
-        obj = torch.load(path, map_location=map_location, weights_only=True)
-    except (OSError, MemoryError):
-        raise
-    except Exception as exc:  # the unpickler fails in many ways on damaged or non-checkpoint files
-        raise PhiCheckpointError(f"Φ checkpoint {path}: not a readable weights-only checkpoint ({exc})") from exc
+    obj = utils.load_weights_only(path, PhiCheckpointError, "Φ checkpoint", map_location)
     state = _state_dict_from(obj, path)
     phi = Phi(input_dim, output_dim)
     expected = phi.state_dict()

@@ -33,12 +33,14 @@ from cvsi.llm import (
 )
 from cvsi.phi import Phi, load_phi
 from cvsi.pseudo_tokens import encode_with_pseudo_words, fine_grained_prompt, placeholder_token_id
-from data_utils import CIRCODataset, CIRRDataset, DataError, FashionIQDataset, build_transform, collate_batch, load_image
+from data_utils import (
+    CIRCODataset, CIRRDataset, DataError, FashionIQDataset, build_transform, collate_batch, join_fiq_captions, load_image,
+)
 from model import create_backbone
 from model.backbone import CLIPBackbone
 from training import FIQ_CATEGORIES, resolve_dataset_root
 
-__all__ = ["Query", "Task", "resolve_root", "load_tasks", "image_key", "run", "FULL_ROW"]
+__all__ = ["Query", "Task", "load_tasks", "image_key", "run", "FULL_ROW"]
 
 _logger = logging.getLogger("cir.cvsi")
 FULL_ROW = "CVSI"
@@ -77,23 +79,6 @@ def _identity(image: Any) -> Any:
     return image
 
 
-def resolve_root(dataset: str, data_root: str | Path) -> Path:
-    """The dataset folder, given it or its parent."""
-    if dataset != "circo":
-        return resolve_dataset_root(data_root, dataset)
-    root = Path(data_root).expanduser()
-    for candidate in (root, root / "CIRCO"):
-        if (candidate / "annotations").is_dir():
-            return candidate
-    raise FileNotFoundError(f"--data_root {root}: no CIRCO dataset there (expected {root}/annotations/ or {root}/CIRCO/annotations/)")
-
-
-def _fiq_caption(captions: Sequence[str]) -> str:
-    # The evaluation caption of FashionIQ: "c1 and c2" (FashionIQDataset's 'join' mode, the CVSI release's form).
-    first, second = (c.strip().strip(".?, ").strip() for c in captions)
-    return f"{first} and {second}"
-
-
 def load_tasks(dataset: str, root: Path, split: str) -> list[Task]:
     """Read a split with the project's dataset classes (which check the files up front)."""
     if dataset == "circo":
@@ -111,7 +96,7 @@ def load_tasks(dataset: str, root: Path, split: str) -> list[Task]:
     tasks = []
     for category in FIQ_CATEGORIES:
         data = FashionIQDataset(root, split, [category], "relative", _identity)
-        queries = [Query(f"{category}:{i}", t["candidate"], _fiq_caption(t["captions"]), t.get("target", ""))
+        queries = [Query(f"{category}:{i}", t["candidate"], join_fiq_captions(t["captions"]), t.get("target", ""))
                    for i, t in enumerate(data.triplets)]
         tasks.append(Task(category, dataset, split, root, data.image_names, queries, data.image_path, data.triplets))
     return tasks
@@ -386,7 +371,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     _logger.info("fusion %s; components computed: %s", {k: (w.query(), w.target()) for k, w in rows.items()},
                  sorted(needed))
 
-    root = resolve_root(args.dataset, args.data_root)
+    root = resolve_dataset_root(args.data_root, args.dataset)
     tasks = load_tasks(args.dataset, root, args.split)
     backbone = create_backbone(args.clip_model_name, None if args.pretrained in (None, "", "none") else args.pretrained)
     backbone = backbone.to(device).eval().requires_grad_(False)

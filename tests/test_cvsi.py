@@ -90,7 +90,7 @@ def test_phi_checkpoint_roundtrip_lincir_layout_and_mismatch(tmp_path, backbone)
     with pytest.raises(PhiCheckpointError, match="missing .*layers.6.bias"):
         load_phi(tmp_path / "partial.pt", backbone.embed_dim, backbone.text_width)
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
-    with pytest.raises(PhiCheckpointError, match="not a readable"):
+    with pytest.raises(PhiCheckpointError, match="junk.pt: corrupt or not a weights-only checkpoint"):
         load_phi(tmp_path / "junk.pt", 64, 64)
     with pytest.raises(PhiCheckpointError, match="no such file"):
         load_phi(tmp_path / "missing.pt", 64, 64)
