@@ -6,12 +6,15 @@ Examples::
     python benchmark.py --clip_model_name ViT-B-32 --pretrained none --batch_size 32 --steps 3
     python benchmark.py --skip_step --skip_head --retrieval_gallery 1000000 --retrieval_queries 1000 [--faiss hnsw]
 
-Every time is a median over interleaved repetitions (SSN and baseline alternate), so machine noise
-falls on both alike.  Speed targets are printed next to the figures; nothing here asserts them.
+Every time is a median over interleaved repetitions (SSN, backbone-only and official steps alternate),
+so machine noise falls on all alike.  Speed targets are printed next to the figures; nothing here
+asserts them.  On CPU, glibc's allocator settings change step times by ~10 % (docs/benchmark.md):
+the machine line reports them.
 """
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 from collections.abc import Sequence
 
@@ -24,6 +27,8 @@ from benchmarks.step import run_step_benchmark
 
 HEAD_RATIO_TARGET = 0.4
 HEAD_OVERHEAD_TARGET = 0.05
+OFFICIAL_STEP_RATIO_TARGET = 0.92
+MALLOC_SETTINGS = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "LD_PRELOAD")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -33,6 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch_size", type=int, default=64)
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1")
     parser.add_argument("--steps", type=int, default=5, help="timed repetitions per measurement (after one warm-up)")
+    parser.add_argument("--grad_checkpointing", action="store_true",
+                        help="recompute the backbone's blocks in the backward pass (compare the peak memory of two runs)")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
     parser.add_argument("--rank_gallery_size", type=int, default=2265, help="gallery size for queries ranked/s (CIRR val: 2265)")
     parser.add_argument("--skip_step", action="store_true", help="skip the training-step / inference benchmark")
@@ -52,7 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _machine(device: torch.device) -> str:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
-    return f"{device.type} ({name}), {torch.get_num_threads()} threads, torch {torch.__version__}, Python {platform.python_version()}"
+    malloc = " ".join(f"{key}={os.environ[key]}" for key in MALLOC_SETTINGS if key in os.environ) or "glibc malloc defaults"
+    return (f"{device.type} ({name}), {torch.get_num_threads()} threads, torch {torch.__version__}, "
+            f"Python {platform.python_version()}, {malloc}")
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, object]:
@@ -66,14 +75,18 @@ def main(argv: Sequence[str] | None = None) -> dict[str, object]:
     print(f"machine: {_machine(device)}")
 
     if not args.skip_step:
-        step = run_step_benchmark(args.clip_model_name, pretrained, args.batch_size, args.steps, device, args.rank_gallery_size, args.seed)
+        step = run_step_benchmark(args.clip_model_name, pretrained, args.batch_size, args.steps, device,
+                                  args.rank_gallery_size, args.seed, args.grad_checkpointing)
         results["step"] = step
         memory = "CUDA max allocated" if device.type == "cuda" else "peak RSS"
         print(f"\n== training step: {args.clip_model_name} ({args.pretrained}), batch {args.batch_size}, "
-              f"median of {args.steps} interleaved steps")
+              f"median of {args.steps} interleaved steps" + (", gradient checkpointing" if args.grad_checkpointing else ""))
         print(f"SSN step            {step.ssn_step_s:8.3f} s   {step.ssn_triplets_per_s:8.2f} triplets/s")
         print(f"backbone-only step  {step.backbone_step_s:8.3f} s   {step.backbone_triplets_per_s:8.2f} triplets/s")
+        print(f"official step       {step.official_step_s:8.3f} s   {args.batch_size / step.official_step_s:8.2f} triplets/s")
         print(f"SSN head overhead   {100 * step.head_overhead:+7.1f} %   (target <= {100 * HEAD_OVERHEAD_TARGET:.0f} %)")
+        print(f"SSN / official step {step.official_ratio:8.3f} x   (target <= {OFFICIAL_STEP_RATIO_TARGET}x; "
+              f"floor backbone-only / official {step.backbone_step_s / step.official_step_s:.3f}x)")
         print(f"{memory}: after SSN warm-up {format_bytes(step.ssn_peak_bytes)}, whole run {format_bytes(step.peak_bytes)}")
         per = args.batch_size
         print(f"gallery encoded     SSN {per / step.ssn_gallery_s:8.1f} img/s   backbone {per / step.backbone_gallery_s:8.1f} img/s")

@@ -6,9 +6,11 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import math
 import os
+import platform
 import random
 import signal
 import threading
@@ -82,6 +84,13 @@ def make_loader(
     drop_last: bool = False, generator: torch.Generator | None = None, sampler: Sampler[int] | None = None,
     worker_init_fn: Callable[[int], None] = utils.seed_worker,
 ) -> DataLoader:
+    """A DataLoader over triplets or images with pinned host memory on CUDA (asynchronous copies).
+
+    Workers are never persistent: the training loader's workers are re-created every epoch so that
+    they are seeded from the epoch's ``loader_seed`` (exact resume of FashionIQ's random caption order
+    depends on it), and the evaluation loaders are built once per use.  Re-creating 2-4 workers costs
+    well under a second per epoch (docs/benchmark.md).
+    """
     return DataLoader(
         dataset,
         batch_size=batch_size,
@@ -90,7 +99,7 @@ def make_loader(
         drop_last=drop_last,
         num_workers=num_workers,
         pin_memory=device.type == "cuda",
-        persistent_workers=num_workers > 0 and shuffle,
+        persistent_workers=False,
         collate_fn=collate_batch,
         worker_init_fn=worker_init_fn,
         generator=generator,
@@ -582,6 +591,14 @@ def build_train_parser(dataset: str) -> argparse.ArgumentParser:
     run.add_argument("--save_training", action="store_true", help="official flag: keep a checkpoint per validation (with --save_best: only the best)")
     run.add_argument("--save_best", action="store_true", help="keep checkpoints/best.pt by the validation metric")
     run.add_argument("--log_every", type=int, default=10, help="log training loss every N steps")
+    speed = parser.add_argument_group("speed and memory (docs/benchmark.md)")
+    speed.add_argument("--torch_compile", action="store_true",
+                       help="torch.compile the model's training forward; where compilation is unavailable, "
+                            "training runs eagerly after a warning")
+    speed.add_argument("--grad_checkpointing", action="store_true",
+                       help="recompute the backbone's transformer blocks in the backward pass (same gradients, "
+                            "about one more forward pass of compute, a fraction of the activation memory): "
+                            "what lets ViT-L/14 train at batch 128 on a 24 GB GPU")
     comet = parser.add_argument_group("comet_ml (optional)")
     comet.add_argument("--api_key", default=None)
     comet.add_argument("--workspace", default=None)
@@ -603,8 +620,28 @@ def check_official_dims(args: argparse.Namespace, model: SSNModel) -> None:
 # Flags that may change between a run and its resume without changing what is computed.
 _RESUME_FREE_ARGS = frozenset({
     "resume", "output_dir", "num_epochs", "num_workers", "device", "eval_batch_size", "checkpoint_every",
-    "log_every", "api_key", "workspace", "project_name",
+    "log_every", "api_key", "workspace", "project_name", "torch_compile", "grad_checkpointing",
 })
+
+
+def compile_for_training(model: nn.Module, device: torch.device) -> bool:
+    """``torch.compile`` the model's forward (the training step's) in place; returns whether it did.
+
+    ``nn.Module.compile`` keeps the parameter names, so checkpoints and DDP wrapping are unchanged;
+    evaluation calls other methods and stays eager.  Compilation is tried on a one-line function
+    first: where it is unavailable (unsupported Python or platform, no C++ compiler for the CPU
+    backend) a warning is logged and the model is left eager.
+    """
+    try:
+        if not importlib.import_module("torch._dynamo").is_dynamo_supported():
+            raise RuntimeError(f"torch.compile does not support Python {platform.python_version()} on this platform")
+        torch.compile(lambda x: x * 2 + 1)(torch.ones(2, device=device))
+    except (RuntimeError, OSError, ImportError) as error:
+        reason = next(iter(str(error).strip().splitlines()), type(error).__name__)
+        _logger.warning("--torch_compile: compilation is unavailable here (%s); training runs eagerly", reason)
+        return False
+    model.compile()
+    return True
 
 
 def _enable_determinism(device: torch.device) -> None:
@@ -711,6 +748,10 @@ def run_training(args: argparse.Namespace, dataset: str) -> Path:
     pretrained = None if str(args.pretrained).lower() in ("", "none") else args.pretrained
     model = build_ssn_model(args.clip_model_name, pretrained=pretrained, nhead=args.nhead, device=device)
     check_official_dims(args, model)
+    if args.grad_checkpointing:
+        model.backbone.set_grad_checkpointing(True)
+    if args.torch_compile:
+        compile_for_training(model, device)
     if pretrained is None:
         logger.info("backbone %s starts from random weights (--pretrained none)", args.clip_model_name)
     transform = build_transform(args.transform, model.backbone.image_size, args.target_ratio)

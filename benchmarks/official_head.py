@@ -1,9 +1,9 @@
-"""The official SSN head forward, re-stated in our own words as the baseline of the head benchmark.
+"""The official SSN head forward and loss, re-stated in our own words as the baseline of the benchmarks.
 
 It follows REFERENCE §1 step by step the way the official code runs it: the full sequence-first
 ``nn.TransformerEncoder`` over every token, the positive and negative branches in two separate passes,
-no key padding mask.  It reads the weights of an :class:`model.SSNHead`, so both forwards share
-parameters and can be compared output for output.
+no key padding mask, and both KL terms with a probability target.  It reads the weights of an
+:class:`model.SSNHead`, so both forwards share parameters and can be compared output for output.
 """
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from model import SSNHead
+from model.loss import LOGIT_SCALE
 
 
 def _pool(tokens: Tensor, mask: Tensor) -> Tensor:
@@ -48,3 +49,23 @@ def official_target(head: SSNHead, tgt_tokens: Tensor, tgt_embed: Tensor) -> Ten
     sequence = (head.image_token_proj_layer(tgt_tokens) + head.token_type_embeddings.weight[0]).permute(1, 0, 2)
     fused = head.fusion_layer(sequence).permute(1, 0, 2)
     return F.normalize(0.01 * fused[:, 0] + tgt_embed, dim=-1)
+
+
+def _kl_probability_target(log_q: Tensor, p: Tensor) -> Tensor:
+    """``nn.KLDivLoss()(log_q, p)`` with the default 'mean' reduction: ``mean(p·(log p − log_q))`` over
+    all entries, ``0·log 0 = 0``; ``p`` is a probability tensor that carries gradient."""
+    return (torch.xlogy(p, p) - p * log_q).mean()
+
+
+def official_ssn_loss(q_pos: Tensor, q_neg: Tensor, target: Tensor, kl_weight: float = 1.0) -> Tensor:
+    """The official SSN objective: contrastive term plus ``KL(softmax(I) ‖ softmax(S⁺)) − KL(softmax(S⁺) ‖
+    softmax(S⁻))``, each KL taken against probabilities (softmax outputs), as the official code does."""
+    batch = q_pos.shape[0]
+    labels = torch.arange(batch, device=q_pos.device)
+    s_pos = LOGIT_SCALE * q_pos @ target.T
+    s_neg = LOGIT_SCALE * q_neg @ target.T
+    ideal = F.softmax(LOGIT_SCALE * torch.eye(batch, device=q_pos.device, dtype=s_pos.dtype), dim=-1)
+    contrastive = (F.cross_entropy(s_pos, labels) + F.cross_entropy(s_pos.T, labels)) / 2
+    kl_to_ideal = _kl_probability_target(F.log_softmax(s_pos, dim=-1), ideal)
+    kl_pos_neg = _kl_probability_target(F.log_softmax(s_neg, dim=-1), F.softmax(s_pos, dim=-1))
+    return contrastive + kl_weight * (kl_to_ideal - kl_pos_neg)

@@ -101,6 +101,12 @@ class CLIPBackbone(nn.Module):
             "image_size": self.image_size,
         }
 
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each transformer block of both towers in the backward pass instead of storing its
+        activations (open_clip's ``set_grad_checkpointing``): the same gradients, roughly one extra
+        forward pass of compute, and activation memory of one block per tower plus the block inputs."""
+        self.clip.set_grad_checkpointing(enable)
+
     # ---------------------------------------------------------------- images
     def _capture_image_tokens(self, module: nn.Module, inputs: Any, output: Tensor) -> None:
         # open_clip's transformer may run sequence-first; the head wants [B, N, C].

@@ -7,8 +7,10 @@ import pytest
 import torch
 
 import benchmark
+from benchmarks.official_head import official_ssn_loss
 from benchmarks.retrieval import recall_vs_exact
 from feature_cache import cache_key, cached_gallery_features, checkpoint_identity
+from model import ssn_loss
 
 
 def test_benchmark_main_runs_every_part_on_the_tiny_config(capsys):
@@ -24,11 +26,22 @@ def test_benchmark_main_runs_every_part_on_the_tiny_config(capsys):
     for heading in ("training step", "SSN head vs official head", "exact retrieval"):
         assert heading in out
     step, head, retrieval = results["step"], results["head"], results["retrieval"]
-    assert step.ssn_step_s > 0 and step.backbone_step_s > 0 and step.peak_bytes > 0
+    assert step.ssn_step_s > 0 and step.backbone_step_s > 0 and step.official_step_s > 0 and step.peak_bytes > 0
     assert head.max_abs_diff < 1e-4 and head.ours_s > 0
     assert retrieval.gallery_size == 3000 and retrieval.seconds > 0
     if retrieval.faiss_index == "flat":
         assert retrieval.faiss_recall > 0.99  # an exact index agrees up to float ties
+
+
+def test_official_probability_target_loss_equals_ours():
+    gen = torch.Generator().manual_seed(0)
+    q_pos, q_neg, target = (torch.nn.functional.normalize(torch.randn(6, 16, generator=gen), dim=-1).requires_grad_(True)
+                            for _ in range(3))
+    ours = ssn_loss(q_pos, q_neg, target)
+    official = official_ssn_loss(q_pos, q_neg, target)
+    torch.testing.assert_close(official, ours)
+    for a, b in zip(torch.autograd.grad(ours, (q_pos, q_neg, target)), torch.autograd.grad(official, (q_pos, q_neg, target))):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6)
 
 
 def test_recall_vs_exact():
