@@ -3,7 +3,7 @@
 1. writes a synthetic CIRR dataset (coloured-shape scenes, real CIRR file layout);
 2. trains SSN on the tiny shipped open_clip config (random weights) with train_cirr.py;
 3. validates the best checkpoint with validate.py, beside image-only, text-only and image+text-sum
-   retrieval on the same backbone;
+   retrieval on the same backbone, and draws retrieval examples;
 4. writes the CIRR test1 submission files with cirr_test_submission.py.
 
     python demo.py --output_dir demo_output
@@ -52,7 +52,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, float]]:
         "--output_dir", str(output_dir / "run"),
     ])
     checkpoint = run_dir / "checkpoints" / "best.pt"
-    results = validate.main(["--checkpoint", str(checkpoint), "--baselines"])
+    results = validate.main(["--checkpoint", str(checkpoint), "--baselines", "--visualize", "6"])
     recall_path, subset_path = cirr_test_submission.main(
         ["--checkpoint", str(checkpoint), "--submission_name", "demo"]
     )
@@ -70,6 +70,8 @@ Where everything went:
   metrics log         {run_dir}/metrics.jsonl
   checkpoints         {run_dir}/checkpoints/ (best.pt, last.pt)
   validation metrics  {run_dir}/validation.json
+  retrieval examples  {run_dir}/validation_cirr_grid.png (and .html)
+  curves and report   {run_dir}/curves.png, {run_dir}/report.md
   test1 submission    {recall_path}
                       {subset_path}""")
     return results
