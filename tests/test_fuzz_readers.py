@@ -54,15 +54,22 @@ def png_bytes(size: int = IMAGE_SIZE, colour: tuple[int, int, int] = (200, 30, 3
     return buffer.getvalue()
 
 
+def damaged_copies(good: bytes, first_flip: int = 0) -> st.SearchStrategy[bytes]:
+    """``good`` cut short anywhere, or with one byte (at ``first_flip`` or later) flipped."""
+    return st.one_of(
+        st.integers(0, len(good) - 1).map(lambda cut: good[:cut]),
+        st.tuples(st.integers(first_flip, len(good) - 1), st.integers(1, 255)).map(
+            lambda flip: good[: flip[0]] + bytes([good[flip[0]] ^ flip[1]]) + good[flip[0] + 1:]
+        ),
+    )
+
+
 GOOD_PNG = png_bytes()
-# Damaged image file contents: non-image bytes, a truncated PNG, a PNG with one byte flipped, a PNG
-# signature followed by garbage.
+# Damaged image file contents: non-image bytes, a truncated PNG, a PNG with one byte flipped (after the
+# signature), a PNG signature followed by garbage.
 bad_image_files = st.one_of(
     st.binary(max_size=64),
-    st.integers(0, len(GOOD_PNG) - 1).map(lambda cut: GOOD_PNG[:cut]),
-    st.tuples(st.integers(8, len(GOOD_PNG) - 1), st.integers(1, 255)).map(
-        lambda flip: GOOD_PNG[: flip[0]] + bytes([GOOD_PNG[flip[0]] ^ flip[1]]) + GOOD_PNG[flip[0] + 1:]
-    ),
+    damaged_copies(GOOD_PNG, first_flip=8),
     st.binary(max_size=64).map(lambda tail: b"\x89PNG\r\n\x1a\n" + tail),
 )
 image_files = st.one_of(st.just(GOOD_PNG), bad_image_files)
@@ -157,10 +164,7 @@ def _torch_file(obj: Any) -> bytes:
 GOOD_CHECKPOINT = _checkpoint_bytes()
 checkpoint_files = st.one_of(
     st.binary(max_size=256),
-    st.integers(0, len(GOOD_CHECKPOINT) - 1).map(lambda cut: GOOD_CHECKPOINT[:cut]),
-    st.tuples(st.integers(0, len(GOOD_CHECKPOINT) - 1), st.integers(1, 255)).map(
-        lambda flip: GOOD_CHECKPOINT[: flip[0]] + bytes([GOOD_CHECKPOINT[flip[0]] ^ flip[1]]) + GOOD_CHECKPOINT[flip[0] + 1:]
-    ),
+    damaged_copies(GOOD_CHECKPOINT),
     # well-formed torch files holding the wrong things (no version, a wrong version type, not a dict)
     json_values.map(_torch_file),
     json_values.map(lambda value: _torch_file({"format_version": value, "model": {}})),
