@@ -20,6 +20,7 @@ from collections.abc import Sequence
 
 import torch
 
+import utils
 from benchmarks.common import format_bytes
 from benchmarks.head import VIT_B32_SHAPES, run_head_benchmark
 from benchmarks.retrieval import run_retrieval_benchmark
@@ -28,7 +29,7 @@ from benchmarks.step import run_step_benchmark
 HEAD_RATIO_TARGET = 0.4
 HEAD_OVERHEAD_TARGET = 0.05
 OFFICIAL_STEP_RATIO_TARGET = 0.92
-MALLOC_SETTINGS = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "LD_PRELOAD")
+MALLOC_SETTINGS = (*utils.MALLOC_ENV_SETTINGS, "LD_PRELOAD")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -54,12 +55,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--retrieval_chunk_size", type=int, default=4096)
     parser.add_argument("--faiss", choices=("flat", "hnsw"), default=None, help="also search with FAISS and report its recall vs exact")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--glibc_malloc_defaults", action="store_true",
+                        help="do not tune the allocator as training does (utils.tune_cpu_allocator)")
     return parser
 
 
-def _machine(device: torch.device) -> str:
+def _machine(device: torch.device, allocator_tuned: bool) -> str:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
-    malloc = " ".join(f"{key}={os.environ[key]}" for key in MALLOC_SETTINGS if key in os.environ) or "glibc malloc defaults"
+    malloc = " ".join(f"{key}={os.environ[key]}" for key in MALLOC_SETTINGS if key in os.environ)
+    malloc = malloc or ("malloc tuned by mallopt (as training)" if allocator_tuned else "glibc malloc defaults")
     return (f"{device.type} ({name}), {torch.get_num_threads()} threads, torch {torch.__version__}, "
             f"Python {platform.python_version()}, {malloc}")
 
@@ -72,7 +76,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, object]:
     device = torch.device(args.device)
     pretrained = None if str(args.pretrained).lower() in ("", "none") else args.pretrained
     results: dict[str, object] = {}
-    print(f"machine: {_machine(device)}")
+    allocator_tuned = device.type == "cpu" and not args.glibc_malloc_defaults and utils.tune_cpu_allocator()
+    print(f"machine: {_machine(device, allocator_tuned)}")
 
     if not args.skip_step:
         step = run_step_benchmark(args.clip_model_name, pretrained, args.batch_size, args.steps, device,

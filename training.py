@@ -740,6 +740,8 @@ def run_training(args: argparse.Namespace, dataset: str) -> Path:
     checkpoint_dir.mkdir(parents=True, exist_ok=True)
     # Rank 0 owns every output (log file, metrics, checkpoints, validation); other ranks only train.
     logger = utils.setup_logging(output_dir if env.is_master else None)
+    if device.type == "cpu" and utils.tune_cpu_allocator():
+        logger.info("glibc allocator tuned for CPU training (utils.tune_cpu_allocator)")
     if args.deterministic:
         _enable_determinism(device)
     utils.set_seed(args.seed)

@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 import json
+import platform
 
 import pytest
 import torch
 
 import train_cirr
 import training
+import utils
 from data_utils import make_synthetic_cirr
 from model import build_ssn_model, ssn_loss
 
@@ -67,3 +69,12 @@ def test_compile_for_training_keeps_parameter_names(monkeypatch):
     monkeypatch.setattr(model, "compile", lambda *args, **kwargs: compiled.append(True))
     assert training.compile_for_training(model, torch.device("cpu"))
     assert compiled == [True] and list(model.state_dict()) == names
+
+
+def test_cpu_allocator_tuning_steps_aside_for_user_settings(monkeypatch):
+    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "65536")
+    assert utils.tune_cpu_allocator() is False  # the user's own allocator settings win
+    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_")
+    monkeypatch.delenv("MALLOC_TRIM_THRESHOLD_", raising=False)
+    expected = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
+    assert utils.tune_cpu_allocator() is expected
