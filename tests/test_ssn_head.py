@@ -1,4 +1,7 @@
-"""The SSN head and loss against the official math (REFERENCE §1), masks, gradients, parameter groups."""
+"""The SSN head and loss against the official math (REFERENCE §1), masks, gradients, parameter groups.
+
+The official forward and loss are the step-by-step re-statement in ``benchmarks/official_head.py``.
+"""
 from __future__ import annotations
 
 import pytest
@@ -6,6 +9,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from benchmarks.official_head import official_compose as official_forward
+from benchmarks.official_head import official_ssn_loss as official_loss
+from benchmarks.official_head import official_target
 from model import SSNHead, masked_mean, ssn_loss, ssn_loss_terms
 
 B, P, L, D_IMG, W = 4, 9, 7, 48, 32
@@ -25,48 +31,6 @@ def _inputs(seed: int = 0, batch: int = B, text_len: int = L):
 def _head(seed: int = 0) -> SSNHead:
     torch.manual_seed(seed)
     return SSNHead(D_IMG, W, W, nhead=8, dim_feedforward=64).eval()
-
-
-def official_forward(head: SSNHead, ref_tokens, ref_embed, text_tokens, text_embed, text_mask):
-    """The official forward, step by step as REFERENCE §1 states it: full sequence-first encoder pass,
-    no key padding mask, positive and negative branches run separately."""
-    proj = head.image_token_proj_layer(ref_tokens)
-    g = proj[:, 0:1].expand(-1, text_tokens.shape[1], -1)
-    s_t = head.text_token_selection_mask(torch.cat([text_tokens, g], -1))
-    t_up, t_down = text_tokens * s_t, text_tokens * (1 - s_t)
-    pooled = (t_down * text_mask[..., None]).sum(1) / text_mask.sum(1, keepdim=True)
-    s_v = head.image_token_selection_mask(torch.cat([proj, pooled[:, None].expand(-1, proj.shape[1], -1)], -1))
-    type0, type1 = head.token_type_embeddings.weight
-    queries = []
-    for image_part, text_part in ((proj * s_v, t_up), (proj * (1 - s_v), t_down)):
-        seq = torch.cat([image_part + type0, text_part + type1], 1).permute(1, 0, 2)
-        fused = head.fusion_layer(seq).permute(1, 0, 2)
-        f_img, f_txt = fused[:, : proj.shape[1]], fused[:, proj.shape[1]:]
-        pooled_text = (f_txt * text_mask[..., None]).sum(1) / text_mask.sum(1, keepdim=True)
-        c = torch.cat([pooled_text, f_img[:, 0]], -1)
-        lam = head.dynamic_scalar(c)
-        out = 0.01 * head.output_layer(F.relu(head.combiner_layer(c))) + lam * text_embed + (1 - lam) * ref_embed
-        queries.append(F.normalize(out, dim=-1))
-    return queries
-
-
-def official_target(head: SSNHead, tokens, embed):
-    type0 = head.token_type_embeddings.weight[0]
-    seq = (head.image_token_proj_layer(tokens) + type0).permute(1, 0, 2)
-    fused = head.fusion_layer(seq).permute(1, 0, 2)
-    return F.normalize(0.01 * fused[:, 0] + embed, dim=-1)
-
-
-def official_loss(q_pos, q_neg, t, kl_weight=1.0):
-    """The official probability-target form of the loss."""
-    y = torch.arange(q_pos.shape[0])
-    s_pos, s_neg = 100 * q_pos @ t.T, 100 * q_neg @ t.T
-    ideal = 100 * torch.eye(q_pos.shape[0])
-    kl = nn.KLDivLoss()
-    kl_term = kl(torch.log_softmax(s_pos, -1), torch.softmax(ideal, -1)) - kl(
-        torch.log_softmax(s_neg, -1), torch.softmax(s_pos, -1)
-    )
-    return (F.cross_entropy(s_pos, y) + F.cross_entropy(s_pos.T, y)) / 2 + kl_weight * kl_term
 
 
 def test_compose_and_target_equal_official_math():
@@ -213,3 +177,18 @@ def test_param_groups_follow_the_official_ratios():
     assert groups["token_types"]["params"] == [head.token_type_embeddings.weight]
     ids = [id(p) for g in groups.values() for p in g["params"]]
     assert len(ids) == len(set(ids)) == len(list(head.parameters()))
+
+
+@pytest.mark.filterwarnings("ignore:reduction. 'mean' divides")
+def test_official_loss_restatement_equals_nn_kldivloss():
+    """The official code's loss is built from ``nn.KLDivLoss()`` (reduction 'mean'); the re-statement the
+    tests and benchmarks use must give the same value."""
+    torch.manual_seed(0)
+    q_pos, q_neg, t = (F.normalize(torch.randn(5, 8), dim=-1) for _ in range(3))
+    y = torch.arange(5)
+    s_pos, s_neg, ideal = 100 * q_pos @ t.T, 100 * q_neg @ t.T, 100 * torch.eye(5)
+    kl = nn.KLDivLoss()
+    expected = (F.cross_entropy(s_pos, y) + F.cross_entropy(s_pos.T, y)) / 2 + 0.5 * (
+        kl(torch.log_softmax(s_pos, -1), torch.softmax(ideal, -1)) - kl(torch.log_softmax(s_neg, -1), torch.softmax(s_pos, -1))
+    )
+    torch.testing.assert_close(official_loss(q_pos, q_neg, t, kl_weight=0.5), expected)
