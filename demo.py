@@ -49,7 +49,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, float]]:
         "--num_epochs", str(args.num_epochs), "--batch_size", "64", "--lr", "1e-3", "--lr_ratio", "0.2",
         "--lr_step_size", "6", "--optimizer", "adamw", "--grad_clip", "1.0", "--transform", "clip",
         "--num_workers", str(args.num_workers), "--seed", str(args.seed), "--save_best",
-        "--output_dir", str(output_dir / "run"),
+        "--output_dir", str(output_dir / "run"), "--overwrite",  # running the demo again replaces its run
     ])
     checkpoint = run_dir / "checkpoints" / "best.pt"
     results = validate.main(["--checkpoint", str(checkpoint), "--baselines", "--visualize", "6"])

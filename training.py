@@ -33,7 +33,9 @@ from data_utils import CIRRDataset, DataError, FashionIQDataset, SkipBadSamples,
 from distributed import (
     DistributedEnv, all_gather_with_grad, any_rank, barrier, cleanup_distributed, init_distributed, unwrap_model, wrap_model,
 )
-from model import SSNModel, build_ssn_model, check_model_config, ssn_loss_terms, ssn_model_from_checkpoint
+from model import (
+    CheckpointMismatchError, SSNModel, build_ssn_model, check_model_config, ssn_loss_terms, ssn_model_from_checkpoint,
+)
 from model.ssn_model import check_state_dict
 from precision import PRECISIONS, autocast, effective_precision, grad_scaler
 
@@ -67,6 +69,7 @@ class RetrievalSet:
 def retrieval_sets(
     dataset: str, root: Path, split: str, transform: Any, dress_types: Sequence[str] = FIQ_CATEGORIES
 ) -> list[RetrievalSet]:
+    """The query / gallery pairs of a split: one for CIRR, one per FashionIQ category."""
     if dataset == "cirr":
         return [RetrievalSet("cirr", CIRRDataset(root, split, "relative", transform), CIRRDataset(root, split, "classic", transform))]
     return [
@@ -80,8 +83,7 @@ def retrieval_sets(
 
 
 def make_loader(
-    dataset: Dataset, batch_size: int, num_workers: int, device: torch.device, shuffle: bool = False,
-    drop_last: bool = False, generator: torch.Generator | None = None, sampler: Sampler[int] | None = None,
+    dataset: Dataset, batch_size: int, num_workers: int, device: torch.device, drop_last: bool = False, generator: torch.Generator | None = None, sampler: Sampler[int] | None = None,
     worker_init_fn: Callable[[int], None] = utils.seed_worker,
 ) -> DataLoader:
     """A DataLoader over triplets or images with pinned host memory on CUDA (asynchronous copies).
@@ -94,7 +96,6 @@ def make_loader(
     return DataLoader(
         dataset,
         batch_size=batch_size,
-        shuffle=shuffle,
         sampler=sampler,
         drop_last=drop_last,
         num_workers=num_workers,
@@ -528,7 +529,7 @@ def checkpoint_state(
         "best_metric": state.best_metric,
         "best_metrics": state.best_metrics or {},
         "bad_samples": list(state.bad_samples),
-        "args": {k: v for k, v in vars(args).items()},
+        "args": utils.public_args(vars(args)),
         "rng": _rng_state(),
         "sampler": sampler.state_dict() if sampler is not None else {},
         "metrics_log_lines": metrics_log_lines,
@@ -578,6 +579,8 @@ def build_train_parser(dataset: str) -> argparse.ArgumentParser:
     run.add_argument("--seed", type=int, default=0)
     run.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda if available)")
     run.add_argument("--precision", choices=PRECISIONS, default="amp", help="AMP on CUDA; CPU always runs fp32")
+    run.add_argument("--overwrite", action="store_true",
+                     help="start afresh in an --output_dir that holds a previous run (its checkpoints and logs are deleted)")
     run.add_argument("--resume", default=None,
                      help="checkpoint to resume from (e.g. <output_dir>/checkpoints/last.pt), also mid-epoch; "
                           "the output directory defaults to the checkpoint's run")
@@ -607,6 +610,7 @@ def build_train_parser(dataset: str) -> argparse.ArgumentParser:
 
 
 def check_official_dims(args: argparse.Namespace, model: SSNModel) -> None:
+    """The official ``--projection_dim`` / ``--hidden_dim`` flags must agree with the backbone's text width."""
     for flag in ("projection_dim", "hidden_dim"):
         value = getattr(args, flag)
         if value is not None and value != model.head.width:
@@ -685,6 +689,9 @@ def _warn_changed_args(saved: dict[str, Any], args: argparse.Namespace, source: 
                         source, ", ".join(changed))
 
 
+RESUME_KEYS = ("model_config", "model", "optimizer", "scheduler", "scaler", "rng", "epoch", "global_step")
+
+
 def _resume(
     path: str, model: SSNModel, optimizer: torch.optim.Optimizer, scheduler: Any, scaler: torch.amp.GradScaler,
     sampler: ResumableSampler, args: argparse.Namespace,
@@ -696,12 +703,21 @@ def _resume(
         CheckpointMismatchError: the checkpoint is for another backbone or head size (names the difference).
     """
     checkpoint = utils.load_checkpoint(path, map_location="cpu")
-    check_model_config(checkpoint.get("model_config", {}), model.config(), path)
-    check_state_dict(model, checkpoint.get("model", {}), path)
+    missing = [key for key in RESUME_KEYS if key not in checkpoint]
+    if missing:
+        raise CheckpointMismatchError(f"{path}: not a resumable training checkpoint (missing {', '.join(missing)})")
+    check_model_config(checkpoint["model_config"], model.config(), path)
+    check_state_dict(model, checkpoint["model"], path)
     model.load_state_dict(checkpoint["model"])
-    optimizer.load_state_dict(checkpoint["optimizer"])
-    scheduler.load_state_dict(checkpoint["scheduler"])
-    scaler.load_state_dict(checkpoint["scaler"])
+    try:
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        scheduler.load_state_dict(checkpoint["scheduler"])
+    except (ValueError, KeyError, RuntimeError) as error:
+        raise CheckpointMismatchError(f"{path}: optimizer / scheduler state does not fit this run ({error})") from error
+    if checkpoint["scaler"] or not scaler.is_enabled():
+        scaler.load_state_dict(checkpoint["scaler"])
+    else:  # an fp32 (e.g. CPU) checkpoint resumed with fp16 AMP: there is no scale to carry over
+        _logger.warning("resuming %s with fp16 AMP from a checkpoint without GradScaler state: fresh scale", path)
     _warn_changed_args(checkpoint.get("args", {}), args, path)
     saved_sampler = checkpoint.get("sampler") or {}
     for key in ("num_samples", "batch_size", "num_replicas"):
@@ -714,6 +730,28 @@ def _resume(
                          f"{sampler.steps_per_epoch} steps (dataset or batch size changed)")
     _restore_rng_state(checkpoint["rng"])
     return state, checkpoint.get("metrics_log_lines")
+
+
+RUN_OUTPUTS = ("metrics.jsonl", "summary.json", "bad_samples.json")
+
+
+def _claim_output_dir(output_dir: Path, args: argparse.Namespace) -> None:
+    """Refuse to start a fresh run over a previous one, unless ``--overwrite`` says so.
+
+    Without it, the first validation would replace the old ``best.pt`` and the metrics logs would mix.
+    """
+    if args.resume or not (output_dir / "checkpoints" / "last.pt").exists():
+        return
+    if not args.overwrite:
+        raise FileExistsError(
+            f"{output_dir} holds a previous run (checkpoints/last.pt): pass --resume "
+            f"{output_dir / 'checkpoints' / 'last.pt'} to continue it, --overwrite to replace it, or another --output_dir"
+        )
+    _logger.warning("--overwrite: replacing the previous run in %s", output_dir)
+    for name in RUN_OUTPUTS:
+        (output_dir / name).unlink(missing_ok=True)
+    for checkpoint in (output_dir / "checkpoints").glob("*.pt"):
+        checkpoint.unlink()
 
 
 def run_training(args: argparse.Namespace, dataset: str) -> Path:
@@ -730,6 +768,11 @@ def run_training(args: argparse.Namespace, dataset: str) -> Path:
     precision = effective_precision(args.precision, device)
     if args.checkpoint_every < 0:
         raise ValueError(f"--checkpoint_every must be >= 0, got {args.checkpoint_every}")
+    if args.validation_frequency < 1:
+        raise ValueError(f"--validation_frequency must be >= 1, got {args.validation_frequency}")
+    if args.skip_bad_samples and env.is_distributed:
+        # A skipped sample shrinks one rank's batch, and the gathered loss needs equal batches on every rank.
+        raise ValueError("--skip_bad_samples is single-process only; fix or remove the bad files for torchrun")
     if args.output_dir:
         output_dir = Path(args.output_dir)
     elif args.resume:
@@ -740,6 +783,8 @@ def run_training(args: argparse.Namespace, dataset: str) -> Path:
     checkpoint_dir.mkdir(parents=True, exist_ok=True)
     # Rank 0 owns every output (log file, metrics, checkpoints, validation); other ranks only train.
     logger = utils.setup_logging(output_dir if env.is_master else None)
+    if env.is_master:
+        _claim_output_dir(output_dir, args)
     if device.type == "cpu" and utils.tune_cpu_allocator():
         logger.info("glibc allocator tuned for CPU training (utils.tune_cpu_allocator)")
     if args.deterministic:
@@ -791,10 +836,12 @@ def run_training(args: argparse.Namespace, dataset: str) -> Path:
 
     metrics_logger = None
     if env.is_master:
-        utils.atomic_write_json(output_dir / "args.json", vars(args))
+        # A resumed run keeps the original args.json and records its own command line beside it.
+        args_file = f"args_resume_step{state.global_step}.json" if args.resume else "args.json"
+        utils.atomic_write_json(output_dir / args_file, utils.public_args(vars(args)))
         metrics_logger = utils.MetricsLogger(
             output_dir, comet_api_key=args.api_key, comet_workspace=args.workspace,
-            comet_project=args.project_name, run_args=vars(args),
+            comet_project=args.project_name, run_args=utils.public_args(vars(args)),
         )
     logger.info("training %s on %s (%d triplets, %d steps/epoch of %d x %d triplets) on %s, precision %s; outputs in %s",
                 args.clip_model_name, dataset, len(train_set), sampler.steps_per_epoch, env.world_size, args.batch_size,
@@ -888,8 +935,14 @@ def run_training(args: argparse.Namespace, dataset: str) -> Path:
     return output_dir
 
 
+DATASET_NAMES = {"cirr": ("cirr",), "fashioniq": ("fashioniq", "fiq")}
+
+
 def main_for(dataset: str, argv: Sequence[str] | None) -> Path:
+    """Parse a training script's command line and train; ``dataset`` is 'cirr' or 'fashioniq'."""
     args = build_train_parser(dataset).parse_args(argv)
+    if args.dataset.lower().replace("-", "").replace("_", "") not in DATASET_NAMES[dataset]:
+        raise ValueError(f"--dataset {args.dataset} does not match this script, which trains on {dataset}")
     return run_training(args, dataset)
 
 
@@ -901,7 +954,6 @@ class TrainedModel:
     dataset: str  # 'cirr' or 'fashioniq'
     train_args: dict[str, Any]
     transform: Any
-    checkpoint: dict[str, Any]
 
 
 def run_directory(checkpoint_path: str | os.PathLike) -> Path:
@@ -920,7 +972,9 @@ def preprocessing_settings(trained: TrainedModel, precision: str) -> dict[str, s
 def load_trained_model(checkpoint_path: str | os.PathLike, device: torch.device) -> TrainedModel:
     """Rebuild the model, its preprocessing and dataset from a training checkpoint alone."""
     checkpoint = utils.load_checkpoint(checkpoint_path, map_location="cpu")
+    if checkpoint.get("dataset") not in DATASET_NAMES:
+        raise utils.CheckpointError(f"checkpoint {checkpoint_path}: no training dataset recorded (not written by training.py)")
     model = ssn_model_from_checkpoint(checkpoint, device=device, source=str(checkpoint_path)).eval()
     train_args = checkpoint.get("args", {})
     transform = build_transform(train_args.get("transform", "clip"), model.backbone.image_size, train_args.get("target_ratio", 1.25))
-    return TrainedModel(model, checkpoint.get("dataset", "cirr"), train_args, transform, checkpoint)
+    return TrainedModel(model, checkpoint["dataset"], train_args, transform)

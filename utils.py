@@ -785,6 +785,14 @@ def tune_cpu_allocator() -> bool:
     return bool(mallopt(_M_MMAP_THRESHOLD, 32 << 20)) and bool(mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
 
 
+SECRET_ARGS = frozenset({"api_key"})
+
+
+def public_args(args: Mapping[str, Any]) -> dict[str, Any]:
+    """Run arguments without secrets (the Comet API key), as written to args.json, checkpoints and Comet."""
+    return {key: value for key, value in args.items() if key not in SECRET_ARGS}
+
+
 def set_seed(seed: int) -> None:
     """Seed Python, NumPy and torch (all CUDA devices too, when present)."""
     random.seed(seed)

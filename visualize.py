@@ -97,7 +97,6 @@ PUBLISHED_SSN: dict[str, dict[str, Any]] = {
 
 _RECALL_NAME = re.compile(r"Rs?@\d+$")
 # Arguments a shared report must not print.
-_SECRET_ARGS = frozenset({"api_key"})
 
 
 # ---------------------------------------------------------------------------------------------- examples
@@ -706,7 +705,7 @@ def write_run_report(
         lines += ["", "## Training summary", "",
                   _markdown_table(["", "value"], [[k, v] for k, v in summary.items() if k != "best_metrics"])]
     if args:
-        shown = {k: ("(set, not shown)" if k in _SECRET_ARGS and v else v) for k, v in args.items()}
+        shown = {k: ("(set, not shown)" if k in utils.SECRET_ARGS and v else v) for k, v in args.items()}
         lines += ["", "## Arguments", "", _markdown_table(["argument", "value"], sorted(shown.items()))]
     lines += ["", "## Environment", "", _markdown_table(["", "version"], _environment(device)), ""]
     report = run_dir / "report.md"

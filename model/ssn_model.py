@@ -174,6 +174,9 @@ def ssn_model_from_checkpoint(checkpoint: dict[str, Any], device: torch.device |
     if "model_config" not in checkpoint or "model" not in checkpoint:
         raise CheckpointMismatchError(f"{source} is not an SSN training checkpoint (no model_config / model)")
     config = checkpoint["model_config"]
+    missing = [key for key in ("clip_model_name", "nhead") if key not in config]
+    if missing:
+        raise CheckpointMismatchError(f"{source}: model_config lacks {', '.join(missing)}")
     model = build_ssn_model(config["clip_model_name"], pretrained=None, nhead=config["nhead"], device=device)
     check_model_config(config, model.config(), source)
     check_state_dict(model, checkpoint["model"], source)

@@ -148,3 +148,50 @@ def test_validation_reuses_cached_gallery_features(cirr_run, tmp_path, monkeypat
     assert validate.main(argv) == first
     with pytest.raises(AssertionError, match="encoded again"):
         validate.main(argv + ["--no_cache"])
+
+
+def test_a_fresh_run_never_overwrites_a_previous_one(cirr_run, cirr_root):
+    before = (cirr_run / "checkpoints" / "best.pt").read_bytes()
+    with pytest.raises(FileExistsError, match="--resume"):
+        train_cirr.main(["--data_root", str(cirr_root), *TINY, "--num_epochs", "1", "--batch_size", "32",
+                         "--save_best", "--output_dir", str(cirr_run)])
+    assert (cirr_run / "checkpoints" / "best.pt").read_bytes() == before
+
+
+def test_overwrite_replaces_a_previous_run(cirr_root, tmp_path):
+    argv = ["--data_root", str(cirr_root), *TINY, "--num_epochs", "1", "--batch_size", "96", "--output_dir", str(tmp_path)]
+    train_cirr.main(argv)
+    train_cirr.main(argv + ["--overwrite"])
+    records = utils.read_metrics_log(tmp_path / "metrics.jsonl")
+    assert records["train/epoch_loss"].notna().sum() == 1  # the old run's log is gone, not mixed in
+
+
+def test_secrets_stay_out_of_recorded_arguments(cirr_root, tmp_path):
+    run_dir = train_cirr.main(["--data_root", str(cirr_root), *TINY, "--num_epochs", "1", "--batch_size", "96",
+                               "--api_key", "SECRET-KEY", "--output_dir", str(tmp_path)])
+    for path in [run_dir / "args.json", run_dir / "report.md"]:
+        assert "SECRET-KEY" not in path.read_text()
+    assert "api_key" not in utils.load_checkpoint(run_dir / "checkpoints" / "last.pt")["args"]
+
+
+def test_bad_flags_are_rejected_before_training(cirr_root, tmp_path):
+    with pytest.raises(ValueError, match="validation_frequency"):
+        train_cirr.main(["--data_root", str(cirr_root), *TINY, "--validation_frequency", "0", "--output_dir", str(tmp_path)])
+    with pytest.raises(ValueError, match="does not match this script"):
+        train_fiq.main(["--data_root", str(cirr_root), *TINY, "--dataset", "CIRR", "--output_dir", str(tmp_path)])
+
+
+def test_incomplete_checkpoints_name_the_file(cirr_run, tmp_path):
+    checkpoint = utils.load_checkpoint(cirr_run / "checkpoints" / "last.pt")
+    del checkpoint["optimizer"], checkpoint["dataset"]
+    broken = tmp_path / "broken.pt"
+    utils.save_checkpoint(broken, checkpoint)
+    with pytest.raises(CheckpointMismatchError, match="broken.pt.*missing optimizer"):
+        train_cirr.main(["--data_root", str(cirr_root_of(cirr_run)), *TINY, "--resume", str(broken),
+                         "--output_dir", str(tmp_path / "o")])
+    with pytest.raises(utils.CheckpointError, match="broken.pt: no training dataset"):
+        validate.main(["--checkpoint", str(broken)])
+
+
+def cirr_root_of(run_dir):
+    return json.loads((run_dir / "args.json").read_text())["data_root"]
