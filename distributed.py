@@ -109,10 +109,12 @@ def any_rank(flag: bool, env: DistributedEnv) -> bool:
 
 
 def barrier(env: DistributedEnv) -> None:
+    """Wait for every rank (no-op in a single process)."""
     if env.is_distributed:
         dist.barrier()
 
 
 def cleanup_distributed() -> None:
+    """Destroy the process group, if one was started."""
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()

@@ -72,23 +72,28 @@ class CLIPBackbone(nn.Module):
     # ---------------------------------------------------------------- dimensions
     @property
     def image_token_dim(self) -> int:
+        """Width ``d_img`` of the vision transformer's tokens."""
         return self.clip.visual.transformer.width
 
     @property
     def text_width(self) -> int:
+        """Width ``w`` of the text transformer's token states."""
         return self._text_tower.transformer.width
 
     @property
     def embed_dim(self) -> int:
+        """Size ``D`` of the joint image-text embedding."""
         return self.clip.visual.output_dim
 
     @property
     def image_size(self) -> int:
+        """Input resolution of the vision tower, in pixels."""
         size = self.clip.visual.image_size
         return int(size[0] if isinstance(size, (tuple, list)) else size)
 
     @property
     def vision_tower(self) -> nn.Module:
+        """The open_clip vision transformer."""
         return self.clip.visual
 
     def describe(self) -> dict[str, Any]:
