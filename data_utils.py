@@ -40,7 +40,7 @@ import torch
 from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 from PIL import Image, ImageDraw, UnidentifiedImageError
 from torch.utils.data import Dataset
-from torchvision import transforms as T
+from torchvision import transforms as tv_transforms
 from torchvision.transforms import InterpolationMode
 
 __all__ = [
@@ -269,16 +269,16 @@ def build_transform(
         mean, std: normalisation statistics (CLIP's by default).
     """
     clip_steps = [
-        T.Resize(image_size, interpolation=InterpolationMode.BICUBIC),
-        T.CenterCrop(image_size),
+        tv_transforms.Resize(image_size, interpolation=InterpolationMode.BICUBIC),
+        tv_transforms.CenterCrop(image_size),
         _to_rgb,
-        T.ToTensor(),
-        T.Normalize(mean=mean, std=std),
+        tv_transforms.ToTensor(),
+        tv_transforms.Normalize(mean=mean, std=std),
     ]
     if kind == "clip":
-        return T.Compose(clip_steps)
+        return tv_transforms.Compose(clip_steps)
     if kind == "targetpad":
-        return T.Compose([TargetPad(target_ratio), *clip_steps])
+        return tv_transforms.Compose([TargetPad(target_ratio), *clip_steps])
     raise ValueError(f"unknown transform kind {kind!r}; expected 'clip' or 'targetpad'")
 
 

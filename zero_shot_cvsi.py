@@ -10,6 +10,7 @@ R@10 / R@50); test splits write the benchmark submission files. See docs/cvsi.md
 from __future__ import annotations
 
 import argparse
+import sys
 from typing import Any, Sequence
 
 import utils
@@ -96,4 +97,4 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1:])

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from utils import atomic_write_bytes, atomic_write_json
 
-__all__ = ["CacheError", "fingerprint", "module_fingerprint", "file_fingerprint", "JsonCache", "TensorCache"]
+__all__ = ["CacheError", "fingerprint", "module_fingerprint", "JsonCache", "TensorCache"]
 
 _DIGEST_CHARS = 24
 
@@ -48,15 +48,6 @@ def module_fingerprint(module: nn.Module) -> str:
         digest.update(f"{name}|{value.dtype}|{tuple(value.shape)}|".encode())
         digest.update(value.reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
-
-
-def file_fingerprint(path: str | os.PathLike) -> str:
-    """Digest of a file's bytes."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()[:_DIGEST_CHARS]
 
 
 class _PartCache:
@@ -139,8 +130,11 @@ class TensorCache(_PartCache):
             raise
         except Exception as exc:  # the unpickler fails in many ways on damaged data
             raise ValueError(f"not a readable tensor part ({exc})") from exc
+        if not isinstance(part, dict) or not {"keys", "values"} <= part.keys():
+            raise ValueError(f"expected a dict with 'keys' and 'values', got {type(part).__name__}")
         keys, values = part["keys"], part["values"]
-        if not isinstance(values, Tensor) or values.ndim != 2 or len(keys) != values.shape[0]:
+        if (not isinstance(keys, list) or not isinstance(values, Tensor) or values.ndim != 2
+                or len(keys) != values.shape[0]):
             raise ValueError("keys and values do not match")
         return dict(zip(keys, values.unbind(0)))
 

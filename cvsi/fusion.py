@@ -10,14 +10,14 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Iterable
 
-import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["FusionWeights", "PRESETS", "COMPONENTS", "GROUPS", "ABLATIONS", "fuse_query", "fuse_target", "cosine_scores"]
+__all__ = ["FusionWeights", "PRESETS", "COMPONENTS", "GROUPS", "ABLATIONS", "fuse_query", "fuse_target"]
 
 COMPONENTS = ("q_m", "q_f", "q_v", "t_c", "t_v")
-# The paper's "visual" / "semantic information extraction" components (Table III rows 1 and 2).
+# Decimal places the visual weights 1−α−β and 1−γ are rounded to (see FusionWeights.query).
 _DIGITS = 9
+# The paper's "visual" / "semantic information extraction" components (Table III rows 1 and 2).
 GROUPS = {"visual": ("q_f", "q_v", "t_v"), "semantic": ("q_m", "t_c")}
 # Table III of the paper: row name -> components dropped.
 ABLATIONS = {
@@ -104,8 +104,3 @@ def fuse_query(weights: FusionWeights, q_m: Tensor | None, q_f: Tensor | None, q
 def fuse_target(weights: FusionWeights, t_c: Tensor | None, t_v: Tensor | None) -> Tensor:
     """t [G, D] = γ t_c + (1−γ) t_v (Eq. 9); each input [G, D], None if not computed."""
     return _weighted_sum(weights.target(), {"t_c": t_c, "t_v": t_v})
-
-
-def cosine_scores(query: Tensor, target: Tensor) -> Tensor:
-    """[Q, G] cosine similarities q·t / (|q| |t|) (Eq. 10)."""
-    return F.normalize(query, dim=-1) @ F.normalize(target, dim=-1).T

@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 import utils
-from cvsi.cache import JsonCache, TensorCache, file_fingerprint, fingerprint, module_fingerprint
+from cvsi.cache import JsonCache, TensorCache, fingerprint, module_fingerprint
 from cvsi.captioner import Blip2Captioner, caption_images
 from cvsi.fusion import ABLATIONS, PRESETS, FusionWeights, fuse_query, fuse_target
 from cvsi.imports import QueryAnswers, match_answers, read_answer_files, read_caption_files, write_answer_file
@@ -36,6 +36,8 @@ from cvsi.pseudo_tokens import encode_with_pseudo_words, fine_grained_prompt, pl
 from data_utils import (
     CIRCODataset, CIRRDataset, DataError, FashionIQDataset, build_transform, collate_batch, join_fiq_captions, load_image,
 )
+from distributed import init_distributed
+from feature_cache import checkpoint_identity
 from model import create_backbone
 from model.backbone import CLIPBackbone
 from training import FIQ_CATEGORIES, resolve_dataset_root
@@ -287,7 +289,8 @@ def gather_answers(args: argparse.Namespace, tasks: Sequence[Task], captions: di
 
 # ---------------------------------------------------------------------------------------------- scoring
 def _ranked(query: Tensor, target: Tensor, names: list[str], k: int) -> list[list[str]]:
-    _, top = utils.topk_retrieval(F.normalize(query, dim=-1), F.normalize(target, dim=-1), k)
+    """Top-``k`` gallery names per query; ``query`` and ``target`` are already L2-normalised."""
+    _, top = utils.topk_retrieval(query, target, k)
     return [[names[i] for i in row] for row in top.tolist()]
 
 
@@ -308,31 +311,35 @@ def evaluate(task: Task, query: Tensor, target: Tensor) -> dict[str, float]:
 def write_test_outputs(task: Task, query: Tensor, target: Tensor, output_dir: Path, name: str) -> list[Path]:
     """CIRCO / CIRR test submissions (checked before they are written), FashionIQ top-50 rankings."""
     queries = task.queries
+    q, t = F.normalize(query, dim=-1), F.normalize(target, dim=-1)
     if task.dataset == "circo":
-        ranked = _ranked(query, target, task.gallery, SUBMISSION_TOP_K)
-        submission = utils.circo_submission(ranked, [int(x.query_id) for x in queries])
+        ranked = _ranked(q, t, task.gallery, SUBMISSION_TOP_K)
+        # The strict length check lives here; utils.circo_submission only formats (and checks ids).
         expected = min(SUBMISSION_TOP_K, len(task.gallery))
-        problems = [f"query {qid}: {len(ids)} predictions, expected {expected}"
-                    for qid, ids in submission.items() if len(ids) != expected]
-        if len(submission) != len(queries):
-            problems.append(f"{len(queries) - len(submission)} queries missing")
+        problems = [f"query {x.query_id}: {len(ids)} predictions, expected {expected}"
+                    for x, ids in zip(queries, ranked) if len(ids) != expected]
         if problems:
             raise utils.SubmissionError(problems)
+        submission = utils.circo_submission(ranked, [int(x.query_id) for x in queries])
         path = output_dir / f"circo_test_submission_{name}.json"
         utils.atomic_write_json(path, submission, indent=None)
         return [path]
     if task.dataset == "cirr":
-        q, t = F.normalize(query, dim=-1), F.normalize(target, dim=-1)
         recall, subset = utils.cirr_submission(q, t, task.gallery, [x.reference for x in queries],
                                                [x.members for x in queries], [x.query_id for x in queries])
         return list(utils.write_cirr_submission(output_dir, name, recall, subset, task.annotations))
-    ranked = _ranked(query, target, task.gallery, SUBMISSION_TOP_K)
+    ranked = _ranked(q, t, task.gallery, SUBMISSION_TOP_K)
     path = output_dir / f"fashioniq_{task.name}_test_rankings_{name}.json"
     utils.atomic_write_json(path, {x.query_id: r for x, r in zip(queries, ranked)})
     return [path]
 
 
 # ---------------------------------------------------------------------------------------------- run
+def _pretrained_tag(value: str | None) -> str | None:
+    """``--pretrained``: None for random weights ('', 'none' in any case, as training.py accepts)."""
+    return None if value is None or str(value).lower() in ("", "none") else value
+
+
 def fusion_rows(args: argparse.Namespace) -> dict[str, FusionWeights]:
     """The weightings to score: the configured CVSI, plus the paper's ablations with ``--ablations``."""
     preset = PRESETS[args.dataset]
@@ -362,7 +369,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     utils.set_seed(args.seed)
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = init_distributed(args.device).device
     rows = fusion_rows(args)
     if args.split == "test" and len(rows) > 1:
         _logger.warning("--ablations is ignored on the test split: only the configured CVSI is submitted")
@@ -373,9 +380,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     root = resolve_dataset_root(args.data_root, args.dataset)
     tasks = load_tasks(args.dataset, root, args.split)
-    backbone = create_backbone(args.clip_model_name, None if args.pretrained in (None, "", "none") else args.pretrained)
+    pretrained = _pretrained_tag(args.pretrained)
+    backbone = create_backbone(args.clip_model_name, pretrained)
     backbone = backbone.to(device).eval().requires_grad_(False)
-    backbone_id = {"clip": args.clip_model_name, "pretrained": args.pretrained, "weights": module_fingerprint(backbone)}
+    backbone_id = {"clip": args.clip_model_name, "pretrained": pretrained, "weights": module_fingerprint(backbone)}
     transform = build_transform(args.transform, backbone.image_size)
     image_cache = TensorCache(args.cache_dir, "image_features", {**backbone_id, "transform": args.transform})
     text_cache = TensorCache(args.cache_dir, "caption_features", backbone_id)
@@ -386,8 +394,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             raise ValueError("the fine-grained feature q_f needs a LinCIR Φ checkpoint: pass --phi_checkpoint "
                              "(or --drop q_f)")
         phi = load_phi(args.phi_checkpoint, backbone.embed_dim, backbone.text_width, device).to(device)
+        # q_f depends on the reference image features (so on everything image_cache is keyed by) and on Φ.
         phi_cache = TensorCache(args.cache_dir, "fine_grained_features",
-                                {**backbone_id, "phi": file_fingerprint(args.phi_checkpoint)})
+                                {**image_cache.identity, "phi": checkpoint_identity(args.phi_checkpoint)})
 
     want_modified, want_objects = "q_m" in needed, "q_f" in needed
     caption_names = {t.name: (t.gallery if "t_c" in needed else [])

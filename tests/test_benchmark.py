@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import importlib.util
+import re
 
 import pytest
 import torch
@@ -27,6 +28,14 @@ def test_benchmark_main_runs_every_part_on_the_tiny_config(capsys):
         assert heading in out
     step, head, retrieval = results["step"], results["head"], results["retrieval"]
     assert step.ssn_step_s > 0 and step.backbone_step_s > 0 and step.official_step_s > 0 and step.peak_bytes > 0
+    # The printed throughputs are the batch over the measured step times (4 triplets per step here).
+    assert step.batch_size == 4 and step.rank_gallery_size == 100
+    for label, seconds in (("SSN step", step.ssn_step_s), ("backbone-only step", step.backbone_step_s),
+                           ("official step", step.official_step_s)):
+        line = next(line for line in out.splitlines() if line.startswith(label + " "))
+        printed_s, printed_rate = (float(x) for x in re.fullmatch(rf"{label}\s+(\S+) s\s+(\S+) triplets/s", line).groups())
+        assert printed_s == pytest.approx(seconds, abs=6e-4)  # printed with 3 decimals
+        assert printed_rate == pytest.approx(4 / seconds, abs=6e-3)  # 2 decimals
     assert head.max_abs_diff < 1e-4 and head.ours_s > 0
     assert retrieval.gallery_size == 3000 and retrieval.seconds > 0
     if retrieval.faiss_index == "flat":

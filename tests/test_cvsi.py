@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from cvsi.cache import CacheError, JsonCache, TensorCache, fingerprint
-from cvsi.fusion import ABLATIONS, PRESETS, FusionWeights, cosine_scores, fuse_query, fuse_target
+from cvsi.fusion import ABLATIONS, PRESETS, FusionWeights, fuse_query, fuse_target
 from cvsi.imports import QueryAnswers, match_answers, read_answer_files, read_caption_files, write_answer_file
 from cvsi.llm import (
     ChatClient, ChatConfig, LLMError, LLMJob, MalformedAnswer, build_messages, parse_added_objects,
@@ -40,7 +40,8 @@ def test_fusion_matches_direct_computation():
         q = a * q_m + b * q_f + (1 - a - b) * q_v
         t = g * t_c + (1 - g) * t_v
         direct = torch.stack([torch.stack([torch.dot(qi, tj) / (qi.norm() * tj.norm()) for tj in t]) for qi in q])
-        fused = cosine_scores(fuse_query(weights, q_m, q_f, q_v), fuse_target(weights, t_c, t_v))
+        fused = (F.normalize(fuse_query(weights, q_m, q_f, q_v), dim=-1)
+                 @ F.normalize(fuse_target(weights, t_c, t_v), dim=-1).T)  # cosine similarity, Eq. 10
         torch.testing.assert_close(fused, direct)
     # Dropping a component zeroes its weight; the query side of CIRCO has no q_v term at all.
     dropped = PRESETS["circo"].without(["q_m", "t_v"])
@@ -157,6 +158,12 @@ def test_caches_persist_across_instances_and_name_damaged_parts(tmp_path):
     next(cache.directory.glob("part-*.json")).write_text("{truncated")
     with pytest.raises(CacheError, match="part-.*damaged"):
         JsonCache(tmp_path, "answers", identity)
+    # A loadable tensor part that is not {"keys", "values"} is reported with its file name, not a TypeError.
+    for bad in ([torch.ones(2, 4)], {"keys": 3, "values": torch.ones(2, 4)}):
+        part = next(features.directory.glob("part-*.pt"))
+        torch.save(bad, part)
+        with pytest.raises(CacheError, match=f"{part.name}.*damaged"):
+            TensorCache(tmp_path, "features", identity)
     assert fingerprint({"a": 1, "b": 2}) == fingerprint({"b": 2, "a": 1})
 
 

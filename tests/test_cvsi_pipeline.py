@@ -9,6 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
+import utils
 import zero_shot_cvsi
 from cvsi import demo
 from cvsi.cache import JsonCache
@@ -16,7 +17,8 @@ from cvsi.captioner import Blip2Captioner, caption_images
 from cvsi.llm import ChatClient, LLMError
 from cvsi.loopback import LoopbackChatServer, chat_reply
 from cvsi.phi import Phi, save_phi
-from data_utils import make_synthetic_circo
+from cvsi.pipeline import load_tasks
+from data_utils import build_transform, load_image, make_synthetic_circo
 from model import create_backbone
 
 transformers = pytest.importorskip("transformers")
@@ -148,8 +150,19 @@ def test_llm_failures_stop_the_run_unless_allowed(circo_setup, tmp_path):
             zero_shot_cvsi.main(_args(root, phi, tmp_path, *captions, *llm))
         failures = json.loads((tmp_path / "run" / "llm_failures_circo_val.json").read_text())
         assert failures and {"query_id", "kind", "index", "error"} == set(failures[0])
+        queries = load_tasks("circo", root, "val")[0].queries
+        removing = {q.query_id for q in queries if "remove" in q.caption}
+        assert {f["query_id"] for f in failures} == removing and 0 < len(removing) < len(queries)
+        requests = server.requests
         result = zero_shot_cvsi.main(_args(root, phi, tmp_path, *captions, *llm, "--allow_llm_failures"))
-        assert 0 <= result["metrics"]["CVSI"]["mAP@10"] <= 100
+        asked_again = {json.dumps(body["messages"]) for body in server.bodies[requests:]}
+        assert len(asked_again) == len(failures)  # only the failed prompts are asked again (the rest is cached)
+    # Exactly the failed parts (both p_m answers of the removing queries) are left out; the rest is kept.
+    assert {f["kind"] for f in failures} == {"modified_caption"} and len(failures) == 2 * len(removing)
+    exported = json.loads((tmp_path / "run" / "llm_answers_circo_val_circo.json").read_text())
+    for qid, modified, added in zip(exported["query_ids"], exported["modified_captions"], exported["added_content"]):
+        assert len(modified) == (0 if qid in removing else 2) and added
+    assert set(result["metrics"]["CVSI"]) >= {"mAP@5", "mAP@10", "mAP@25", "mAP@50", "R@5"}
 
 
 def test_test_split_writes_a_checked_circo_submission_and_ablations(circo_setup, tmp_path):
@@ -168,9 +181,51 @@ def test_test_split_writes_a_checked_circo_submission_and_ablations(circo_setup,
     assert len(rows) == 8 and rows["w/o reference image features"] == rows["CVSI"]  # q_v has weight 0 on CIRCO
     # Image-only retrieval (q = q_v, t = t_v): no captions, no LLM, no Φ needed.
     image_only = zero_shot_cvsi.main(["--dataset", "circo", "--data_root", str(root), "--clip_model_name", CLIP,
-                                      "--pretrained", "none", "--alpha", "0", "--beta", "0", "--drop", "semantic",
+                                      "--pretrained", "None", "--alpha", "0", "--beta", "0", "--drop", "semantic",
                                       "--cache_dir", str(tmp_path / "cache"), "--output_dir", str(tmp_path / "io")])
-    assert 0 <= image_only["metrics"]["CVSI"]["mAP@10"] <= 100
+    assert image_only["metrics"]["CVSI"] == pytest.approx(_image_only_metrics(root))
+
+
+def _image_only_metrics(root: Path) -> dict[str, float]:
+    """CIRCO val metrics of q = f_v(reference), t = f_v(target), computed here without the pipeline."""
+    task = load_tasks("circo", root, "val")[0]
+    utils.set_seed(0)  # the run's seed: the same random CLIP weights
+    backbone = create_backbone(CLIP).eval()
+    transform = build_transform("targetpad", backbone.image_size)  # the option's default
+
+    def encode(names):
+        with torch.no_grad():
+            images = torch.stack([transform(load_image(task.image_path(n))) for n in names])
+            return torch.nn.functional.normalize(backbone.encode_image(images).embeds.float(), dim=-1)
+
+    _, top = utils.topk_retrieval(encode([q.reference for q in task.queries]), encode(task.gallery), 50)
+    ranked = [[task.gallery[i] for i in row] for row in top.tolist()]
+    return utils.circo_metrics(ranked, [q.gt for q in task.queries], [q.target for q in task.queries],
+                               [q.aspects for q in task.queries])
+
+
+def test_fine_grained_features_are_recomputed_when_the_transform_changes(circo_setup, tmp_path, monkeypatch):
+    _, root, phi, _ = circo_setup
+    import cvsi.pipeline as pipeline
+    calls = []
+    original = pipeline.encode_with_pseudo_words
+    monkeypatch.setattr(pipeline, "encode_with_pseudo_words", lambda *a, **k: calls.append(1) or original(*a, **k))
+    captions = ["--captions_file", str(root / "image_captions" / "unlabeled2017.json"), "--num_captions", "2"]
+    with LoopbackChatServer(demo.synthetic_editor) as server:
+        llm = ["--llm_base_url", server.base_url, "--llm_model", "m"]
+
+        def run(transform):
+            calls.clear()
+            args = _args(root, phi, tmp_path, *captions, *llm, "--drop", "q_m", "t_c")
+            args[args.index("--transform") + 1] = transform
+            return zero_shot_cvsi.main(args)["metrics"]["CVSI"]
+
+        clip = run("clip")
+        assert calls  # q_f computed
+        assert run("clip") == clip and not calls  # ... then cached
+        run("targetpad")
+        assert calls  # other preprocessing of the reference images: q_f computed again, not read from the cache
+    assert len(list((tmp_path / "cache" / "fine_grained_features").iterdir())) == 2
 
 
 def test_demo_runs_end_to_end(tmp_path, capsys):
