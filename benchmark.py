@@ -25,6 +25,7 @@ from benchmarks.common import format_bytes
 from benchmarks.head import VIT_B32_SHAPES, run_head_benchmark
 from benchmarks.retrieval import run_retrieval_benchmark
 from benchmarks.step import run_step_benchmark
+from model import parse_pretrained
 
 HEAD_RATIO_TARGET = 0.4
 HEAD_OVERHEAD_TARGET = 0.05
@@ -74,7 +75,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, object]:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    pretrained = None if str(args.pretrained).lower() in ("", "none") else args.pretrained
+    pretrained = parse_pretrained(args.pretrained)
     results: dict[str, object] = {}
     allocator_tuned = device.type == "cpu" and not args.glibc_malloc_defaults and utils.tune_cpu_allocator()
     print(f"machine: {_machine(device, allocator_tuned)}")

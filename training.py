@@ -34,7 +34,8 @@ from distributed import (
     DistributedEnv, all_gather_with_grad, any_rank, barrier, cleanup_distributed, init_distributed, unwrap_model, wrap_model,
 )
 from model import (
-    CheckpointMismatchError, SSNModel, build_ssn_model, check_model_config, ssn_loss_terms, ssn_model_from_checkpoint,
+    CheckpointMismatchError, SSNModel, build_ssn_model, check_model_config, parse_pretrained, ssn_loss_terms,
+    ssn_model_from_checkpoint,
 )
 from model.ssn_model import check_state_dict
 from precision import PRECISIONS, autocast, effective_precision, grad_scaler
@@ -792,7 +793,7 @@ def run_training(args: argparse.Namespace, dataset: str) -> Path:
     utils.set_seed(args.seed)
 
     root = resolve_dataset_root(args.data_root, dataset)
-    pretrained = None if str(args.pretrained).lower() in ("", "none") else args.pretrained
+    pretrained = parse_pretrained(args.pretrained)
     model = build_ssn_model(args.clip_model_name, pretrained=pretrained, nhead=args.nhead, device=device)
     check_official_dims(args, model)
     if args.grad_checkpointing:

@@ -38,7 +38,7 @@ from data_utils import (
 )
 from distributed import init_distributed
 from feature_cache import checkpoint_identity
-from model import create_backbone
+from model import create_backbone, parse_pretrained
 from model.backbone import CLIPBackbone
 from training import FIQ_CATEGORIES, resolve_dataset_root
 
@@ -335,11 +335,6 @@ def write_test_outputs(task: Task, query: Tensor, target: Tensor, output_dir: Pa
 
 
 # ---------------------------------------------------------------------------------------------- run
-def _pretrained_tag(value: str | None) -> str | None:
-    """``--pretrained``: None for random weights ('', 'none' in any case, as training.py accepts)."""
-    return None if value is None or str(value).lower() in ("", "none") else value
-
-
 def fusion_rows(args: argparse.Namespace) -> dict[str, FusionWeights]:
     """The weightings to score: the configured CVSI, plus the paper's ablations with ``--ablations``."""
     preset = PRESETS[args.dataset]
@@ -380,7 +375,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     root = resolve_dataset_root(args.data_root, args.dataset)
     tasks = load_tasks(args.dataset, root, args.split)
-    pretrained = _pretrained_tag(args.pretrained)
+    pretrained = parse_pretrained(args.pretrained)
     backbone = create_backbone(args.clip_model_name, pretrained)
     backbone = backbone.to(device).eval().requires_grad_(False)
     backbone_id = {"clip": args.clip_model_name, "pretrained": pretrained, "weights": module_fingerprint(backbone)}

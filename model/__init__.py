@@ -1,5 +1,5 @@
 """SSN model package: open_clip backbone wrapper, SSN head and loss."""
-from .backbone import CLIPBackbone, ImageFeatures, TextFeatures, create_backbone, list_shipped_configs
+from .backbone import CLIPBackbone, ImageFeatures, TextFeatures, create_backbone, list_shipped_configs, parse_pretrained
 from .loss import ssn_loss, ssn_loss_terms
 from .ssn_head import SSNHead, masked_mean
 from .ssn_model import (
@@ -12,7 +12,7 @@ from .ssn_model import (
 )
 
 __all__ = [
-    "CLIPBackbone", "ImageFeatures", "TextFeatures", "create_backbone", "list_shipped_configs",
+    "CLIPBackbone", "ImageFeatures", "TextFeatures", "create_backbone", "list_shipped_configs", "parse_pretrained",
     "ssn_loss", "ssn_loss_terms", "SSNHead", "masked_mean", "RETRIEVAL_METHODS",
     "CheckpointMismatchError", "SSNModel", "build_ssn_model", "check_model_config", "ssn_model_from_checkpoint",
 ]

@@ -180,6 +180,11 @@ class CLIPBackbone(nn.Module):
         mask = (token_ids != 0).to(x.dtype)
         return TextFeatures(tokens=x, mask=mask, embeds=pooled)
 
+def parse_pretrained(value: str | None) -> str | None:
+    """A ``--pretrained`` flag: None (random weights) for None, '' or 'none' in any case, else the tag / path."""
+    return None if value is None or str(value).lower() in ("", "none") else value
+
+
 def create_backbone(
     model_name: str,
     pretrained: str | None = None,
