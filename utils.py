@@ -610,6 +610,7 @@ def circo_submission(ranked_names: Sequence[Sequence[int | str]], query_ids: Seq
     """
     _check_lengths(len(query_ids), ranked_names=ranked_names)
     submission: dict[str, list[int]] = {}
+    short = 0
     for qid, ranked in zip(query_ids, ranked_names):
         key = str(qid)
         if key in submission:
@@ -620,11 +621,11 @@ def circo_submission(ranked_names: Sequence[Sequence[int | str]], query_ids: Seq
             raise ValueError(f"query {key}: CIRCO predictions must be integer image ids ({exc})") from exc
         if len(set(ids)) != len(ids):
             raise ValueError(f"query {key}: predictions must be distinct image ids")
-        if len(ids) < CIRCO_SUBMISSION_LENGTH:
-            _logger.warning(
-                "CIRCO query %s has %d predictions; the server expects %d", key, len(ids), CIRCO_SUBMISSION_LENGTH
-            )
+        short += len(ids) < CIRCO_SUBMISSION_LENGTH
         submission[key] = ids
+    if short:  # one warning, not one per query: a small (e.g. synthetic) gallery makes every ranking short
+        _logger.warning("%d CIRCO queries have fewer than the %d predictions the server expects",
+                        short, CIRCO_SUBMISSION_LENGTH)
     return submission
 
 
