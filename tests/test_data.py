@@ -249,6 +249,16 @@ def _check_image(tensor):
     assert tensor.dtype == torch.float32
 
 
+def _check_relative_item(item: dict, train: bool, eval_keys: set[str]) -> None:
+    """A training item is (reference, target, caption); an evaluation item adds names and ``eval_keys``."""
+    _check_image(item["reference_image"])
+    if train:
+        assert set(item) == {"reference_image", "target_image", "caption"}
+        _check_image(item["target_image"])
+    else:
+        assert set(item) == {"reference_image", "reference_name", "target_name", "caption", *eval_keys}
+
+
 @pytest.mark.parametrize("split", ["train", "val", "test1"])
 def test_cirr_dataset_items(cirr_root, transform, split):
     relative = CIRRDataset(cirr_root, split, "relative", transform)
@@ -256,13 +266,8 @@ def test_cirr_dataset_items(cirr_root, transform, split):
     assert relative.split == split and relative.mode == "relative"
     assert len(relative) == len(relative.triplets) and len(classic) == len(classic.image_names)
     item = relative[0]
-    _check_image(item["reference_image"])
-    if split == "train":
-        assert set(item) == {"reference_image", "target_image", "caption"}
-        _check_image(item["target_image"])
-    else:
-        assert set(item) == {"reference_image", "reference_name", "target_name", "caption",
-                             "members", "pair_id"}
+    _check_relative_item(item, split == "train", {"members", "pair_id"})
+    if split != "train":
         expected = "" if split == "test1" else relative.triplets[0]["target_hard"]
         assert item["target_name"] == expected
         assert _is_int(item["pair_id"]) and len(item["members"]) == 6
@@ -310,13 +315,8 @@ def test_fashioniq_dataset_items(fiq_root, transform, split):
     classic = FashionIQDataset(fiq_root, split, CATEGORIES, "classic", transform)
     assert len(relative) == 3 * SMALL_FIQ[f"num_{split}_per_category"]
     item = relative[0]
-    _check_image(item["reference_image"])
-    if split == "train":
-        assert set(item) == {"reference_image", "target_image", "caption"}
-        _check_image(item["target_image"])
-    else:
-        assert set(item) == {"reference_image", "reference_name", "target_name", "caption",
-                             "category"}
+    _check_relative_item(item, split == "train", {"category"})
+    if split != "train":
         assert item["category"] == "dress"
         assert item["target_name"] == ("" if split == "test" else relative.triplets[0]["target"])
     gallery = dict(zip(classic.image_names, classic.image_categories))
