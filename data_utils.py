@@ -49,6 +49,7 @@ __all__ = [
     "read_json",
     "TargetPad",
     "build_transform",
+    "ImageFiles",
     "CIRRDataset",
     "FashionIQDataset",
     "join_fiq_captions",
@@ -311,6 +312,21 @@ class _CIRDataset(Dataset):
 
     def _image(self, name: str) -> torch.Tensor:
         return self.transform(load_image(self._image_paths[name]))
+
+
+class ImageFiles(Dataset):
+    """Items ``{"name", "image"}`` over named image files (a folder gallery, images missing from a cache)."""
+
+    def __init__(self, names: Sequence[str], paths: Sequence[Path], transform: Callable[[Image.Image], Any]) -> None:
+        if len(names) != len(paths):
+            raise ValueError(f"{len(names)} names for {len(paths)} image files")
+        self.names, self.paths, self.transform = list(names), list(paths), transform
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return {"name": self.names[index], "image": self.transform(load_image(self.paths[index]))}
 
 
 class CIRRDataset(_CIRDataset):

@@ -18,7 +18,7 @@ import torch
 
 import utils
 import visualize
-from data_utils import load_image
+from data_utils import ImageFiles, load_image
 from feature_cache import cached_gallery_features, checkpoint_identity, file_list_identity
 from distributed import init_distributed
 from precision import PRECISIONS, effective_precision
@@ -52,7 +52,7 @@ def main(argv: Sequence[str] | None = None) -> list[tuple[Path, float]]:
     files = visualize.list_gallery_images(args.gallery_dir)
     trained = load_trained_model(args.checkpoint, device)
 
-    gallery = visualize.ImageFolderGallery(files, trained.transform)
+    gallery = ImageFiles([str(f) for f in files], files, trained.transform)
     _, gallery_feats = cached_gallery_features(
         args.cache_dir, checkpoint_identity(args.checkpoint), str(Path(args.gallery_dir).resolve()),
         [str(f) for f in files], "ssn",

@@ -6,8 +6,7 @@
 * :func:`plot_training_curves` draws loss and every validation recall per epoch from ``metrics.jsonl``.
 * :func:`write_run_report` writes ``report.md`` into a run folder: metrics next to the published SSN
   numbers (REFERENCE §5), curves, grids, arguments and environment.
-* :func:`list_gallery_images`, :class:`ImageFolderGallery` and :func:`cached_gallery_features` back the
-  single-query CLI ``retrieve.py``.
+* :func:`list_gallery_images` lists a gallery folder for the single-query CLI ``retrieve.py``.
 
 Grids are composed with PIL (exact tile geometry, see :class:`GridLayout`); curves use matplotlib's Agg
 canvas directly, so nothing here needs a display or changes matplotlib's global backend.
@@ -22,7 +21,7 @@ import os
 import platform
 import re
 import sys
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 import dataclasses
 from dataclasses import dataclass
 from datetime import datetime
@@ -64,7 +63,6 @@ __all__ = [
     "write_run_report_safely",
     "IMAGE_EXTENSIONS",
     "list_gallery_images",
-    "ImageFolderGallery",
 ]
 
 _logger = logging.getLogger("cir.visualize")
@@ -739,21 +737,3 @@ def list_gallery_images(directory: str | os.PathLike) -> list[Path]:
     if not files:
         raise DataError(f"{directory}: no image files ({', '.join(IMAGE_EXTENSIONS)})")
     return files
-
-
-class ImageFolderGallery(Dataset):
-    """Gallery items ``{"name", "image"}`` over a list of files, for :func:`training.encode_gallery`."""
-
-    def __init__(self, files: Sequence[Path], transform: Callable[[Image.Image], Tensor]) -> None:
-        self.files = list(files)
-        self.transform = transform
-
-    def __len__(self) -> int:
-        return len(self.files)
-
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        path = self.files[index]
-        return {"name": str(path), "image": self.transform(load_image(path))}
-
-    def image_path(self, name: str) -> Path:
-        return Path(name)

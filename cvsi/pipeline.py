@@ -19,7 +19,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 import utils
@@ -34,7 +34,8 @@ from cvsi.llm import (
 from cvsi.phi import Phi, load_phi
 from cvsi.pseudo_tokens import encode_with_pseudo_words, fine_grained_prompt, placeholder_token_id
 from data_utils import (
-    CIRCODataset, CIRRDataset, DataError, FashionIQDataset, build_transform, collate_batch, join_fiq_captions, load_image,
+    CIRCODataset, CIRRDataset, DataError, FashionIQDataset, ImageFiles, build_transform, collate_batch, join_fiq_captions,
+    load_image,
 )
 from distributed import init_distributed
 from feature_cache import checkpoint_identity
@@ -110,18 +111,6 @@ def image_key(task: Task, name: str) -> str:
     return f"{task.dataset}/{path.relative_to(task.root).as_posix()}:{path.stat().st_size}"
 
 
-class _ImageFiles(Dataset):
-    def __init__(self, keys: Sequence[str], paths: dict[str, Path], transform: Callable) -> None:
-        self.keys, self.paths, self.transform = list(keys), paths, transform
-
-    def __len__(self) -> int:
-        return len(self.keys)
-
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        key = self.keys[index]
-        return {"key": key, "image": self.transform(load_image(self.paths[key]))}
-
-
 # ---------------------------------------------------------------------------------------------- features
 @torch.no_grad()
 def image_embeddings(
@@ -130,11 +119,11 @@ def image_embeddings(
 ) -> Tensor:
     """Projected image embeddings [N, D] (not normalised: Φ takes them raw), computed if not cached."""
     todo = cache.missing(keys)
-    loader = DataLoader(_ImageFiles(todo, paths, transform), batch_size=batch_size, num_workers=num_workers,
-                        collate_fn=collate_batch)
+    loader = DataLoader(ImageFiles(todo, [paths[key] for key in todo], transform), batch_size=batch_size,
+                        num_workers=num_workers, collate_fn=collate_batch)
     for batch in tqdm(loader, desc="image features", leave=False):
         embeds = backbone.encode_image(batch["image"].to(device)).embeds.float().cpu()
-        cache.put(dict(zip(batch["key"], embeds)))
+        cache.put(dict(zip(batch["name"], embeds)))
     return cache.stack(keys)
 
 

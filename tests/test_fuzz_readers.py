@@ -148,20 +148,15 @@ def test_load_image_decodes_or_raises_data_error(workdir, data):
         assert image.mode == "RGB"
 
 
-def _checkpoint_bytes() -> bytes:
-    buffer = io.BytesIO()
-    model = torch.nn.Linear(3, 2)
-    torch.save({"format_version": utils.CHECKPOINT_FORMAT_VERSION, "model": model.state_dict(), "epoch": 1}, buffer)
-    return buffer.getvalue()
-
-
 def _torch_file(obj: Any) -> bytes:
     buffer = io.BytesIO()
     torch.save(obj, buffer)
     return buffer.getvalue()
 
 
-GOOD_CHECKPOINT = _checkpoint_bytes()
+GOOD_CHECKPOINT = _torch_file(
+    {"format_version": utils.CHECKPOINT_FORMAT_VERSION, "model": torch.nn.Linear(3, 2).state_dict(), "epoch": 1}
+)
 checkpoint_files = st.one_of(
     st.binary(max_size=256),
     damaged_copies(GOOD_CHECKPOINT),
