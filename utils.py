@@ -1,6 +1,6 @@
 """Shared utilities: exact chunked retrieval, CIR metrics, benchmark submissions, safe I/O, logging.
 
-Metric definitions follow the official CIRR, FashionIQ and CIRCO evaluations (see docs/REFERENCE §3).
+Metric definitions follow the official CIRR, FashionIQ and CIRCO evaluations (see docs/benchmarks.md).
 Every recall / mAP returned here is a percentage in [0, 100].
 """
 

@@ -5,7 +5,7 @@
   :func:`draw_retrieval_grid` and :func:`write_retrieval_html` draw them.
 * :func:`plot_training_curves` draws loss and every validation recall per epoch from ``metrics.jsonl``.
 * :func:`write_run_report` writes ``report.md`` into a run folder: metrics next to the published SSN
-  numbers (REFERENCE §5), curves, grids, arguments and environment.
+  numbers (docs/benchmarks.md), curves, grids, arguments and environment.
 * :func:`list_gallery_images` lists a gallery folder for the single-query CLI ``retrieve.py``.
 
 Grids are composed with PIL (exact tile geometry, see :class:`GridLayout`); curves use matplotlib's Agg
@@ -79,7 +79,7 @@ DEGRADE_COLOUR = (225, 110, 0)  # s_t -> 0: the word is shifted away (degradatio
 TEXT_COLOUR = (20, 20, 20)
 MUTED_TEXT = (110, 110, 110)
 
-# REFERENCE §5. Published numbers are on the real benchmarks with ViT-B/32 (CIRR: test split).
+# docs/benchmarks.md. Published numbers are on the real benchmarks with ViT-B/32 (CIRR: test split).
 PUBLISHED_SSN: dict[str, dict[str, Any]] = {
     "cirr": {
         "label": "published SSN, ViT-B/32, real CIRR test",
@@ -681,7 +681,7 @@ def write_run_report(
         lines += [
             f"**ours** = this run: `{model}` (pretrained: `{args.get('pretrained', '?')}`) on the *val* split of "
             f"`{args.get('data_root', '?')}` (the data this run used). "
-            "**published** = the SSN paper (REFERENCE §5): real benchmark, OpenAI ViT-B/32. "
+            "**published** = the SSN paper (docs/benchmarks.md): real benchmark, OpenAI ViT-B/32. "
             "The columns are comparable only when ours is also the real benchmark with ViT-B/32; "
             "on synthetic data this table is a functional check, not a reproduction.",
             "",

@@ -1,6 +1,6 @@
 """The official SSN head forward and loss, re-stated in our own words as the baseline of the benchmarks.
 
-It follows REFERENCE §1 step by step the way the official code runs it: the full sequence-first
+It follows docs/ssn.md step by step the way the official code runs it: the full sequence-first
 ``nn.TransformerEncoder`` over every token, the positive and negative branches in two separate passes,
 no key padding mask, and both KL terms with a probability target.  It reads the weights of an
 :class:`model.SSNHead`, so both forwards share parameters and can be compared output for output.

@@ -1,4 +1,4 @@
-"""The SSN training objective (REFERENCE §1, step 7)."""
+"""The SSN training objective (docs/ssn.md, the objective)."""
 from __future__ import annotations
 
 import torch
@@ -22,7 +22,7 @@ def ssn_loss_terms(
     With ``S⁺ = s·q⁺tᵀ``, ``S⁻ = s·q⁻tᵀ`` [B, B], ``I = s·eye(B)`` and ``y = arange(B)``:
     ``L = ½[CE(S⁺, y) + CE(S⁺ᵀ, y)] + kl_weight·[KL(softmax(I) ‖ softmax(S⁺)) − KL(softmax(S⁺) ‖ softmax(S⁻))]``.
     Both KL terms are computed from log-probabilities: the same value as the official probability-target
-    form, but finite gradients once softmax(S⁺) underflows to 0 (REFERENCE §6).
+    form, but finite gradients once softmax(S⁺) underflows to 0 (docs/ssn.md).
 
     q_pos, q_neg, target: [B, D], L2-normalised.  In distributed training pass the gathered global batch.
     """

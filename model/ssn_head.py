@@ -1,6 +1,6 @@
 """The SSN head: degradation / upgradation of the modification text and the composed query.
 
-Symbols follow the paper and REFERENCE §1: ``V`` image tokens [B, 1+P, d_img] (class token first),
+Symbols follow the paper (see docs/ssn.md): ``V`` image tokens [B, 1+P, d_img] (class token first),
 ``T`` text token states [B, L, w], ``m`` padding mask [B, L], ``e_img`` / ``e_txt`` projected
 embeddings [B, D].  Parameter names are the official ones, so official head weights load unchanged.
 
@@ -239,7 +239,7 @@ class SSNHead(nn.Module):
 
     # ------------------------------------------------------------------ optimisation
     def param_groups(self, lr: float, lr_ratio: float) -> list[dict[str, Any]]:
-        """The official learning-rate groups of the head (REFERENCE §1).
+        """The official learning-rate groups of the head (docs/ssn.md, training recipe).
 
         combiner / output / dynamic scalar: lr; fusion layer and selection masks: lr·ratio·4;
         token types: lr·ratio·4; image token projection: lr·ratio·2.

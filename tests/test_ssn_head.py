@@ -1,4 +1,4 @@
-"""The SSN head and loss against the official math (REFERENCE §1), masks, gradients, parameter groups.
+"""The SSN head and loss against the official math (docs/ssn.md), masks, gradients, parameter groups.
 
 The official forward and loss are the step-by-step re-statement in ``benchmarks/official_head.py``.
 """
@@ -136,7 +136,7 @@ def test_every_head_parameter_gets_a_finite_gradient():
 
 
 def test_loss_gradient_stays_finite_when_the_official_form_gives_nan():
-    """REFERENCE §6: with confident logits softmax(S⁺) underflows to 0 and the official form's gradient is NaN."""
+    """docs/ssn.md: with confident logits softmax(S⁺) underflows to 0 and the official form's gradient is NaN."""
     torch.manual_seed(0)
     t = F.normalize(torch.randn(8, 16), dim=-1)
     q_pos = (t + 0.01 * torch.randn(8, 16)).requires_grad_(True)
