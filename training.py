@@ -272,8 +272,8 @@ class TrainState:
     step_in_epoch: int = 0  # batches of the current epoch consumed
     epoch_loss_sum: float = 0.0  # sum over the current epoch's trained triplets of their loss
     epoch_samples: int = 0  # triplets trained on in the current epoch
-    best_metric: float = -math.inf
-    best_metrics: dict[str, float] | None = None
+    # Per checkpoint-selection criterion (utils.SELECTION_CRITERIA): {"value", "epoch", "metrics"} of its best validation.
+    best_by: dict[str, dict[str, Any]] = field(default_factory=dict)
     nonfinite_steps: int = 0  # consecutive steps with a non-finite loss or gradient
     bad_samples: list[dict[str, Any]] = field(default_factory=list)  # samples skipped (--skip_bad_samples)
 
@@ -286,10 +286,19 @@ class TrainState:
             step_in_epoch=checkpoint.get("step_in_epoch", 0),
             epoch_loss_sum=checkpoint.get("epoch_loss_sum", 0.0),
             epoch_samples=checkpoint.get("epoch_samples", 0),
-            best_metric=checkpoint["best_metric"],
-            best_metrics=checkpoint["best_metrics"] or None,
+            best_by=checkpoint.get("best_by", _legacy_best_by(checkpoint)),
             bad_samples=list(checkpoint.get("bad_samples", [])),
         )
+
+    def record_validation(self, metrics: dict[str, float], dataset: str) -> list[str]:
+        """Keep the best value of each selection criterion; returns the criteria these metrics improved."""
+        improved = []
+        for criterion in utils.SELECTION_CRITERIA[dataset]:
+            score = utils.best_metric(metrics, dataset, criterion)
+            if score > self.best_by.get(criterion, {}).get("value", -math.inf):
+                self.best_by[criterion] = {"value": score, "epoch": self.epoch, "metrics": dict(metrics)}
+                improved.append(criterion)
+        return improved
 
     def end_epoch(self) -> float:
         """Close the current epoch; returns its mean loss per trained triplet."""
@@ -297,6 +306,37 @@ class TrainState:
         self.epoch += 1
         self.step_in_epoch, self.epoch_loss_sum, self.epoch_samples = 0, 0.0, 0
         return mean_loss
+
+
+def _legacy_best_by(checkpoint: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """``best_by`` of a checkpoint written before it existed: the arithmetic mean's best, epoch unknown."""
+    if not math.isfinite(checkpoint["best_metric"]):
+        return {}
+    return {"mean": {"value": checkpoint["best_metric"], "epoch": None, "metrics": checkpoint["best_metrics"]}}
+
+
+# The official CIRR script keeps one best checkpoint per mean of the 7 recalls.
+CIRR_BEST_CHECKPOINTS = {"mean": "best_mean.pt", "harmonic_mean": "best_harmonic.pt", "geometric_mean": "best_geometric.pt"}
+
+
+def best_checkpoint_files(dataset: str, improved: Sequence[str], selection: str) -> list[str]:
+    """The checkpoint files a validation replaces under ``--save_best``, given the criteria it ``improved``.
+
+    CIRR keeps the official trio ``best_mean.pt``, ``best_harmonic.pt``, ``best_geometric.pt``; every
+    dataset keeps ``best.pt``, the best by ``selection`` (``--best_metric``).
+    """
+    files = [CIRR_BEST_CHECKPOINTS[criterion] for criterion in improved] if dataset == "cirr" else []
+    return files + ["best.pt"] if selection in improved else files
+
+
+def validation_due(epoch: int, frequency: int, num_epochs: int) -> bool:
+    """Whether to validate after the 0-based ``epoch`` of ``num_epochs``.
+
+    As the official scripts: after epochs 0, f, 2f, ... (``epoch % f == 0``, so the first epoch is
+    always validated).  In addition after the last epoch, so that every run ends with measured metrics
+    (docs/deviations.md).
+    """
+    return epoch % frequency == 0 or epoch == num_epochs - 1
 
 
 class NonFiniteLossError(RuntimeError):
@@ -513,7 +553,12 @@ def checkpoint_state(
     state: TrainState, args: argparse.Namespace, dataset: str, sampler: ResumableSampler | None = None,
     metrics_log_lines: int | None = None,
 ) -> dict[str, Any]:
-    """Everything needed to resume exactly: weights, optimiser, scheduler, scaler, RNGs, data position."""
+    """Everything needed to resume exactly: weights, optimiser, scheduler, scaler, RNGs, data position.
+
+    ``best_metric`` / ``best_metrics`` are the best validation by ``--best_metric``; ``best_by`` holds
+    the best of every selection criterion.
+    """
+    best = state.best_by.get(args.best_metric, {})
     return {
         "format_version": utils.CHECKPOINT_FORMAT_VERSION,
         "dataset": dataset,
@@ -527,8 +572,9 @@ def checkpoint_state(
         "step_in_epoch": state.step_in_epoch,
         "epoch_loss_sum": state.epoch_loss_sum,
         "epoch_samples": state.epoch_samples,
-        "best_metric": state.best_metric,
-        "best_metrics": state.best_metrics or {},
+        "best_metric": best.get("value", -math.inf),
+        "best_metrics": best.get("metrics") or {},
+        "best_by": state.best_by,
         "bad_samples": list(state.bad_samples),
         "args": utils.public_args(vars(args)),
         "rng": _rng_state(),
@@ -590,10 +636,16 @@ def build_train_parser(dataset: str) -> argparse.ArgumentParser:
     run.add_argument("--deterministic", action="store_true",
                      help="torch.use_deterministic_algorithms(True) (and deterministic cuDNN / cuBLAS on CUDA): "
                           "a resumed run then matches an uninterrupted one bit for bit on CPU")
-    run.add_argument("--validation_frequency", type=int, default=1, help="validate every N epochs")
+    run.add_argument("--validation_frequency", type=int, default=1,
+                     help="validate after 0-based epochs 0, N, 2N, ... (official) and after the last epoch")
     run.add_argument("--eval_batch_size", type=int, default=64)
     run.add_argument("--save_training", action="store_true", help="official flag: keep a checkpoint per validation (with --save_best: only the best)")
-    run.add_argument("--save_best", action="store_true", help="keep checkpoints/best.pt by the validation metric")
+    run.add_argument("--save_best", action="store_true",
+                     help="keep checkpoints/best.pt by --best_metric" + (
+                         "; CIRR also keeps the official best_mean.pt, best_harmonic.pt, best_geometric.pt" if cirr else ""))
+    run.add_argument("--best_metric", choices=utils.SELECTION_CRITERIA[dataset], default=utils.SELECTION_CRITERIA[dataset][0],
+                     help="the validation metric best.pt and summary.json follow" + (
+                         " (mean, harmonic or geometric mean of the 7 recalls)" if cirr else " (mean of avg R@10 and R@50)"))
     run.add_argument("--log_every", type=int, default=10, help="log training loss every N steps")
     speed = parser.add_argument_group("speed and memory (docs/benchmark.md)")
     speed.add_argument("--torch_compile", action="store_true",
@@ -848,7 +900,8 @@ def run_training(args: argparse.Namespace, dataset: str) -> Path:
                 args.clip_model_name, dataset, len(train_set), sampler.steps_per_epoch, env.world_size, args.batch_size,
                 device, precision, output_dir)
 
-    def save(path: Path) -> None:
+    def save(path: Path, *same_as_path: Path) -> None:
+        """Write the checkpoint to ``path``; ``same_as_path`` become links to (or copies of) it."""
         if not env.is_master:
             return
         if state.nonfinite_steps:  # never replace a good checkpoint by a state inside a non-finite streak
@@ -856,6 +909,8 @@ def run_training(args: argparse.Namespace, dataset: str) -> Path:
             return
         utils.save_checkpoint(path, checkpoint_state(model, optimizer, scheduler, scaler, state, args, dataset,
                                                      sampler, _count_lines(metrics_path)))
+        for other in same_as_path:
+            utils.atomic_link_or_copy(path, other)
 
     with PreemptionHandler() as preemption:
 
@@ -891,17 +946,13 @@ def run_training(args: argparse.Namespace, dataset: str) -> Path:
                                        prefix="train/")
                 logger.info("epoch %d/%d: loss %.4f (%.1f s)", state.epoch, args.num_epochs, epoch_loss, time.time() - start)
 
-                validate_now = state.epoch % args.validation_frequency == 0 or state.epoch == args.num_epochs
-                if validate_now and env.is_master:
+                if validation_due(state.epoch - 1, args.validation_frequency, args.num_epochs) and env.is_master:
                     metrics = evaluate(model, val_sets, dataset, device, precision, "ssn", args.eval_batch_size, args.num_workers)
                     metrics_logger.log(metrics, step=state.global_step, epoch=state.epoch, prefix="val/")
                     logger.info("validation after epoch %d:\n%s", state.epoch, utils.metrics_table(metrics))
-                    score = utils.best_metric(metrics, dataset)
-                    improved = score > state.best_metric
-                    if improved:
-                        state.best_metric, state.best_metrics = score, metrics
+                    improved = state.record_validation(metrics, dataset)
                     if args.save_best and improved:
-                        save(checkpoint_dir / "best.pt")
+                        save(*(checkpoint_dir / name for name in best_checkpoint_files(dataset, improved, args.best_metric)))
                     elif args.save_training and not args.save_best:
                         save(checkpoint_dir / f"epoch_{state.epoch}.pt")
                 save(checkpoint_dir / "last.pt")
@@ -927,12 +978,19 @@ def run_training(args: argparse.Namespace, dataset: str) -> Path:
 
     if not env.is_master:
         return output_dir
-    summary = {"best_metric": state.best_metric, "best_metrics": state.best_metrics, "epochs": state.epoch,
-               "steps": state.global_step}
+    # Every validation records every criterion; only a legacy checkpoint resumed after its last epoch lacks one.
+    best = state.best_by.get(args.best_metric, {"value": None, "epoch": None, "metrics": None})
+    summary = {
+        "best_metric_name": args.best_metric, "best_metric": best["value"], "best_epoch": best["epoch"],
+        "best_metrics": best["metrics"],
+        "best_by": {criterion: {"value": b["value"], "epoch": b["epoch"]} for criterion, b in state.best_by.items()},
+        "epochs": state.epoch, "steps": state.global_step,
+    }
     utils.atomic_write_json(output_dir / "summary.json", summary)
     # Curves + report.md; a plotting failure is logged as a warning, the checkpoints are already saved.
     visualize.write_run_report_safely(output_dir, device=str(device))
-    logger.info("done: best %s %.2f; checkpoints in %s", "mean recall", state.best_metric, checkpoint_dir)
+    logger.info("done: best %s %s (epoch %s); checkpoints in %s", args.best_metric, best["value"], best["epoch"],
+                checkpoint_dir)
     return output_dir
 
 

@@ -13,6 +13,7 @@ import math
 import os
 import random
 import secrets
+import shutil
 import sys
 import time
 from collections.abc import Hashable, Mapping, Sequence
@@ -31,6 +32,7 @@ __all__ = [
     "fiq_metrics",
     "summarize_fiq",
     "circo_metrics",
+    "SELECTION_CRITERIA",
     "best_metric",
     "metrics_table",
     "SubmissionError",
@@ -43,6 +45,7 @@ __all__ = [
     "CHECKPOINT_FORMAT_VERSION",
     "CheckpointError",
     "save_checkpoint",
+    "atomic_link_or_copy",
     "load_checkpoint",
     "set_seed",
     "seed_worker",
@@ -64,7 +67,8 @@ CIRR_MAX_SUBMISSION_BYTES = 5 * 10**6
 CIRCO_SUBMISSION_LENGTH = 50
 CHECKPOINT_FORMAT_VERSION = 2  # 2: step-level resume (step_in_epoch, sampler, full RNG states)
 _CHECKPOINT_VERSION_KEY = "format_version"
-_BEST_METRIC_KEY = {"cirr": "mean", "fashioniq": "mean", "circo": "mAP@10"}
+# Checkpoint-selection criteria per dataset, the default first (CIRR: the official trio of means).
+SELECTION_CRITERIA = {"cirr": ("mean", "harmonic_mean", "geometric_mean"), "fashioniq": ("mean",), "circo": ("mAP@10",)}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -432,15 +436,18 @@ def circo_metrics(
     return metrics
 
 
-def best_metric(metrics: Mapping[str, float], dataset: str) -> float:
+def best_metric(metrics: Mapping[str, float], dataset: str, criterion: str | None = None) -> float:
     """The single number used to pick the best checkpoint.
 
-    'cirr': arithmetic mean of the 7 recalls; 'fashioniq': mean of avg R@10 and avg R@50;
-    'circo': mAP@10.
+    ``criterion`` is one of ``SELECTION_CRITERIA[dataset]`` (default: the first).  'cirr': 'mean',
+    'harmonic_mean' or 'geometric_mean' of the 7 recalls; 'fashioniq': 'mean' of avg R@10 and
+    avg R@50; 'circo': 'mAP@10'.
     """
-    if dataset not in _BEST_METRIC_KEY:
-        raise ValueError(f"unknown dataset {dataset!r}; expected one of {sorted(_BEST_METRIC_KEY)}")
-    key = _BEST_METRIC_KEY[dataset]
+    if dataset not in SELECTION_CRITERIA:
+        raise ValueError(f"unknown dataset {dataset!r}; expected one of {sorted(SELECTION_CRITERIA)}")
+    key = criterion or SELECTION_CRITERIA[dataset][0]
+    if key not in SELECTION_CRITERIA[dataset]:
+        raise ValueError(f"{dataset} checkpoints are selected by one of {SELECTION_CRITERIA[dataset]}, not {key!r}")
     if key not in metrics:
         raise KeyError(f"{dataset} checkpoint selection needs metric {key!r}, got {sorted(metrics)}")
     return float(metrics[key])
@@ -710,6 +717,28 @@ def save_checkpoint(path: str | os.PathLike, state: Mapping[str, Any]) -> None:
     buffer = io.BytesIO()
     torch.save(payload, buffer)
     atomic_write_bytes(path, buffer.getvalue())
+
+
+def atomic_link_or_copy(source: str | os.PathLike, destination: str | os.PathLike) -> None:
+    """Make ``destination`` hold ``source``'s bytes, atomically: a hard link, or a copy where links fail.
+
+    The best checkpoints by several criteria are often one and the same state; a hard link stores it
+    once.  ``source`` files are only ever replaced (``os.replace``), never written in place, so a
+    linked file keeps its contents when either name is later given a new checkpoint.
+    """
+    source, destination = Path(source), Path(destination)
+    tmp = destination.with_name(f".{destination.name}.{secrets.token_hex(6)}.tmp")
+    try:
+        try:
+            os.link(source, tmp)
+        except OSError:  # a filesystem without hard links (FAT, some network mounts)
+            shutil.copyfile(source, tmp)
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+        os.replace(tmp, destination)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise OSError(exc.errno or errno.EIO, f"could not write {destination}: {exc.strerror or exc}") from exc
 
 
 def load_weights_only(

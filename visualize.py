@@ -549,11 +549,12 @@ def best_epoch(per_epoch: pd.DataFrame, key: str = "val/mean") -> int | None:
 
 def plot_training_curves(
     metrics_log: str | os.PathLike, output: str | os.PathLike, figsize: tuple[float, float] = (12.0, 4.5), dpi: int = 100,
+    best_key: str = "val/mean",
 ) -> Path:
     """PNG of the loss (per step and per epoch) and every validation recall per epoch, best epoch marked.
 
-    The image is exactly ``figsize * dpi`` pixels. The best epoch is chosen by ``val/mean`` (the mean
-    recall the training loop selects checkpoints by).
+    The image is exactly ``figsize * dpi`` pixels. The best epoch is chosen by ``best_key`` (the
+    training run's ``--best_metric``; default the mean recall).
     """
     metrics_log = Path(metrics_log)
     per_epoch = read_epoch_metrics(metrics_log)
@@ -582,11 +583,11 @@ def plot_training_curves(
         recall_ax.plot(mean.index, mean.values, "k--", lw=2, label="mean")
     recall_ax.set(title="validation recall (%)", xlabel="epoch", ylabel="recall (%)")
 
-    best = best_epoch(per_epoch)
+    best = best_epoch(per_epoch, best_key)
     if best is not None:
         for ax in (loss_ax, recall_ax):
             ax.axvline(best, color=GT_COLOUR_HEX, ls=":", lw=2)
-        value = per_epoch.loc[best, "val/mean"]
+        value = per_epoch.loc[best, best_key]
         recall_ax.plot([best], [value], "*", ms=16, color=GT_COLOUR_HEX, label=f"best: epoch {best} ({value:.2f})")
     for ax in (loss_ax, recall_ax):
         ax.grid(alpha=0.3)
@@ -657,14 +658,16 @@ def write_run_report(
 
     per_epoch = None
     curves = run_dir / "curves.png"
+    best_key = f"val/{summary.get('best_metric_name', 'mean')}"
     if (run_dir / "metrics.jsonl").is_file():
         per_epoch = read_epoch_metrics(run_dir / "metrics.jsonl")
-        plot_training_curves(run_dir / "metrics.jsonl", curves)
-    best = best_epoch(per_epoch) if per_epoch is not None else None
+        plot_training_curves(run_dir / "metrics.jsonl", curves, best_key=best_key)
+    best = summary.get("best_epoch") or (best_epoch(per_epoch, best_key) if per_epoch is not None else None)
 
     columns: list[tuple[str, Mapping[str, float]]] = []
     if summary.get("best_metrics"):
-        columns.append((f"ours: best val during training{f' (epoch {best})' if best else ''}", summary["best_metrics"]))
+        by = summary.get("best_metric_name", "mean")
+        columns.append((f"ours: best val during training by {by}{f' (epoch {best})' if best else ''}", summary["best_metrics"]))
     for method, metrics in (validation.get("metrics") or {}).items():
         columns.append((f"ours: validate.py, {method}", metrics))
     dataset = next((_dataset_of(m) for _, m in columns if _dataset_of(m)), None)
@@ -700,8 +703,10 @@ def write_run_report(
             link = f" ([HTML page]({_relative(page, run_dir)}))" if page.is_file() else ""
             lines += [f"![retrieval grid]({_relative(png, run_dir)}){link}", ""]
     if summary:
-        lines += ["", "## Training summary", "",
-                  _markdown_table(["", "value"], [[k, v] for k, v in summary.items() if k != "best_metrics"])]
+        rows = [[k, v] for k, v in summary.items() if k not in ("best_metrics", "best_by")]
+        rows += [[f"best {criterion}", f"{b['value']:.2f} (epoch {b['epoch']})"]
+                 for criterion, b in (summary.get("best_by") or {}).items()]
+        lines += ["", "## Training summary", "", _markdown_table(["", "value"], rows)]
     if args:
         shown = {k: ("(set, not shown)" if k in utils.SECRET_ARGS and v else v) for k, v in args.items()}
         lines += ["", "## Arguments", "", _markdown_table(["argument", "value"], sorted(shown.items()))]

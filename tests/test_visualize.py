@@ -123,7 +123,7 @@ def test_training_writes_curves_and_report(run: Path) -> None:
         colours = image.convert("RGB").getcolors(maxcolors=1 << 20)
         assert any(colour == GT_COLOUR for _, colour in colours)  # the best-epoch marker
     report = (run / "report.md").read_text()
-    assert "| metric | ours: best val during training (epoch" in report
+    assert "| metric | ours: best val during training by mean (epoch" in report
     assert "| R@1 |" in report and "| Rs@3 |" in report
     assert "43.91" in report and "95.54" in report and "published SSN, ViT-B/32, real CIRR test" in report
     assert "![training curves](curves.png)" in report

@@ -1,0 +1,139 @@
+"""Training semantics of the official SSN scripts (issue 10, part 4).
+
+Best checkpoints by the three CIRR means, the validation schedule, fp32 evaluation, GradScaler
+overflows versus non-finite losses, and CPU bf16 autocast.  The official behaviour comes from our
+re-statement in ``tests/reference/official_training.py``.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import statistics
+from pathlib import Path
+
+import pytest
+import torch
+
+import train_cirr
+import training
+import utils
+from data_utils import make_synthetic_cirr
+from tests.reference.official_training import official_best_epochs, official_validated_epochs
+
+TINY = ["--clip_model_name", "ViT-Tiny-P8-32", "--pretrained", "none", "--transform", "clip", "--num_workers", "0",
+        "--batch_size", "8", "--lr", "1e-3", "--optimizer", "adamw"]
+CIRR_RECALLS = ("R@1", "R@5", "R@10", "R@50", "Rs@1", "Rs@2", "Rs@3")
+
+
+@pytest.fixture(scope="module")
+def cirr_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_synthetic_cirr(tmp_path_factory.mktemp("data"), seed=7, num_train=16, num_val=8, num_test=4, image_size=32)
+
+
+def cirr_validation(recalls: list[float]) -> dict[str, float]:
+    """A CIRR validation result with the given 7 recalls (means as the official script computes them)."""
+    metrics = dict(zip(CIRR_RECALLS, recalls))
+    metrics["Avg"] = (metrics["R@5"] + metrics["Rs@1"]) / 2
+    metrics.update(mean=statistics.mean(recalls), harmonic_mean=statistics.harmonic_mean(recalls),
+                   geometric_mean=statistics.geometric_mean(recalls))
+    return metrics
+
+
+# ---------------------------------------------------------------------------------------------- best checkpoints
+# Three validations whose arithmetic, harmonic and geometric means peak at different ones.
+SCRIPTED_RECALLS = [[30.0] * 7, [80.0] * 6 + [2.0], [50.0] * 7]
+EPOCHS, FREQUENCY = 4, 2  # the official schedule validates after 0-based epochs 0 and 2; we also after 3
+
+
+@pytest.fixture(scope="module")
+def scripted_run(cirr_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny CIRR run whose validations return SCRIPTED_RECALLS in turn (the training itself is real)."""
+    results = iter(SCRIPTED_RECALLS)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(training, "evaluate", lambda *args, **kwargs: cirr_validation(next(results)))
+        return train_cirr.main(["--data_root", str(cirr_root), *TINY, "--num_epochs", str(EPOCHS),
+                                "--validation_frequency", str(FREQUENCY), "--save_best", "--best_metric", "harmonic_mean",
+                                "--output_dir", str(tmp_path_factory.mktemp("run"))])
+
+
+def test_validation_schedule_is_the_official_one_plus_the_last_epoch(scripted_run: Path):
+    logged = utils.read_metrics_log(scripted_run / "metrics.jsonl").dropna(subset=["val/mean"])["epoch"].astype(int)
+    official = [epoch + 1 for epoch in official_validated_epochs(EPOCHS, FREQUENCY)]  # our epochs count completed ones
+    assert logged.tolist() == official + [EPOCHS]
+
+
+def test_cirr_keeps_the_official_three_best_checkpoints(scripted_run: Path):
+    validated = official_validated_epochs(EPOCHS, FREQUENCY) + [EPOCHS - 1]
+    official = official_best_epochs(list(zip(validated, SCRIPTED_RECALLS)))
+    assert len(set(official.values())) > 1  # the scripted means do peak at different validations
+    checkpoints = scripted_run / "checkpoints"
+    ours = {"arithmetic": "best_mean.pt", "harmonic": "best_harmonic.pt", "geometric": "best_geometric.pt"}
+    for name, file in ours.items():
+        assert utils.load_checkpoint(checkpoints / file)["epoch"] == official[name] + 1, file
+
+
+def test_best_pt_follows_best_metric_and_equal_states_are_stored_once(scripted_run: Path):
+    checkpoints = scripted_run / "checkpoints"
+    best = utils.load_checkpoint(checkpoints / "best.pt")
+    harmonic = statistics.harmonic_mean(SCRIPTED_RECALLS[-1])
+    assert best["best_metric"] == pytest.approx(harmonic) and best["best_by"]["harmonic_mean"]["epoch"] == EPOCHS
+    inode = {name: (checkpoints / name).stat().st_ino for name in ("best.pt", "best_mean.pt", "best_harmonic.pt", "best_geometric.pt")}
+    # The last validation is best by harmonic and geometric mean: one file under three names.
+    assert inode["best.pt"] == inode["best_harmonic.pt"] == inode["best_geometric.pt"] != inode["best_mean.pt"]
+    # best_mean.pt was linked to best_geometric.pt before the last validation replaced the latter: still intact.
+    assert utils.load_checkpoint(checkpoints / "best_mean.pt")["epoch"] == 3
+
+
+def test_summary_and_report_name_the_selection(scripted_run: Path):
+    summary = json.loads((scripted_run / "summary.json").read_text())
+    assert summary["best_metric_name"] == "harmonic_mean" and summary["best_epoch"] == EPOCHS
+    assert summary["best_metrics"] == pytest.approx(cirr_validation(SCRIPTED_RECALLS[-1]))
+    assert {criterion: b["epoch"] for criterion, b in summary["best_by"].items()} == {
+        "mean": 3, "harmonic_mean": EPOCHS, "geometric_mean": EPOCHS}
+    report = (scripted_run / "report.md").read_text()
+    assert f"ours: best val during training by harmonic_mean (epoch {EPOCHS})" in report
+    assert f"| best mean | {statistics.mean(SCRIPTED_RECALLS[1]):.2f} (epoch 3) |" in report
+
+
+def test_best_metric_choices_per_dataset():
+    assert training.build_train_parser("cirr").parse_args(["--data_root", "x"]).best_metric == "mean"
+    with pytest.raises(SystemExit):
+        training.build_train_parser("fashioniq").parse_args(["--data_root", "x", "--best_metric", "harmonic_mean"])
+    # FashionIQ keeps its single metric and file.
+    assert training.best_checkpoint_files("fashioniq", ["mean"], "mean") == ["best.pt"]
+    assert training.best_checkpoint_files("cirr", ["geometric_mean"], "mean") == ["best_geometric.pt"]
+    with pytest.raises(ValueError, match="fashioniq checkpoints are selected by one of"):
+        utils.best_metric({"mean": 1.0, "harmonic_mean": 1.0}, "fashioniq", "harmonic_mean")
+
+
+def test_legacy_checkpoint_resumes_with_its_arithmetic_best():
+    legacy = {"epoch": 2, "global_step": 4, "best_metric": 41.5, "best_metrics": {"mean": 41.5}}
+    state = training.TrainState.from_checkpoint(legacy)
+    assert state.best_by == {"mean": {"value": 41.5, "epoch": None, "metrics": {"mean": 41.5}}}
+    improved = state.record_validation(cirr_validation([40.0] * 7), "cirr")
+    assert improved == ["harmonic_mean", "geometric_mean"]  # unknown before; the mean did not improve
+    assert training.TrainState.from_checkpoint({**legacy, "best_metric": -math.inf}).best_by == {}
+
+
+def test_link_falls_back_to_a_copy_without_hard_links(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    source, destination = tmp_path / "a.pt", tmp_path / "b.pt"
+    source.write_bytes(b"state")
+    destination.write_bytes(b"old")
+
+    def no_links(src: os.PathLike, dst: os.PathLike) -> None:
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(os, "link", no_links)
+    utils.atomic_link_or_copy(source, destination)
+    assert destination.read_bytes() == b"state" and destination.stat().st_ino != source.stat().st_ino
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.pt", "b.pt"]  # no temporary file left
+
+
+# ---------------------------------------------------------------------------------------------- validation schedule
+@pytest.mark.parametrize("num_epochs, frequency", [(1, 1), (5, 1), (7, 3), (8, 3), (10, 5), (3, 10)])
+def test_validation_due_matches_the_official_schedule(num_epochs: int, frequency: int):
+    ours = [epoch for epoch in range(num_epochs) if training.validation_due(epoch, frequency, num_epochs)]
+    official = official_validated_epochs(num_epochs, frequency)
+    # Ours = the official epochs, plus the last epoch when the official schedule skips it.
+    assert ours == sorted(set(official) | {num_epochs - 1})
