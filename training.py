@@ -603,7 +603,8 @@ def build_train_parser(dataset: str) -> argparse.ArgumentParser:
     mdl = parser.add_argument_group("model")
     mdl.add_argument("--model", default="ssn", choices=("ssn",))
     mdl.add_argument("--clip_model_name", default="ViT-B-32", help="open_clip model name (e.g. ViT-B-32, ViT-L-14, ViT-Tiny-P8-32)")
-    mdl.add_argument("--pretrained", default="openai", help="open_clip pretrained tag or a local checkpoint file; 'none' for random weights")
+    mdl.add_argument("--pretrained", default="openai", help="open_clip pretrained tag or a local checkpoint file; 'none' for random weights. The activation follows the tag "
+                     "(QuickGELU for openai); for a local file of OpenAI-style weights use a -quickgelu --clip_model_name")
     mdl.add_argument("--nhead", type=int, default=8, help="attention heads of the fusion layer")
     mdl.add_argument("--projection_dim", type=int, default=None, help="official flag; must equal the backbone's text width if given")
     mdl.add_argument("--hidden_dim", type=int, default=None, help="official flag; must equal the backbone's text width if given")

@@ -41,6 +41,7 @@ from torch.utils.data import Dataset
 
 import utils
 from data_utils import DataError, load_image
+from model.backbone import text_mask_from_ids
 
 __all__ = [
     "GT_COLOUR",
@@ -136,11 +137,13 @@ def caption_words(tokenizer: Any, token_ids: Sequence[int], weights: Sequence[fl
     decoder = getattr(tokenizer, "decoder", None)
     if decoder is None:
         raise TypeError(f"{type(tokenizer).__name__} has no BPE decoder; word weights need open_clip's SimpleTokenizer")
-    special = {0, tokenizer.sot_token_id, tokenizer.eot_token_id}
+    special = {tokenizer.sot_token_id, tokenizer.eot_token_id}
+    # The caption ends at its end-of-text token, not at the first id 0 (CLIP's BPE id of "!").
+    length = int(text_mask_from_ids(torch.as_tensor([list(token_ids)]), tokenizer.eot_token_id).sum())
     words: list[tuple[str, float]] = []
     pieces: list[int] = []
     values: list[float] = []
-    for token_id, weight in zip(token_ids, weights):
+    for token_id, weight in zip(token_ids[:length], weights[:length]):
         if token_id in special:
             continue
         pieces.append(token_id)

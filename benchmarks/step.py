@@ -112,7 +112,7 @@ def check_official_step_equal(model: SSNModel, batch: dict[str, Tensor], samples
     was_training = model.training
     model.eval()
     token_ids = batch["token_ids"][:1].expand(samples, -1)
-    token_ids = token_ids[:, : int((token_ids[0] != 0).sum())]
+    token_ids = token_ids[:, : int(model.backbone.text_mask(token_ids[:1]).sum())]
     reference, target = batch["reference"][:samples], batch["target"][:samples]
     try:
         with torch.no_grad():

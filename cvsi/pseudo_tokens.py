@@ -21,9 +21,8 @@ PSEUDO_WORD = "$"
 
 def placeholder_token_id(backbone: CLIPBackbone) -> int:
     """The id of ``$`` in the backbone's tokenizer (259 for CLIP's BPE); it must be a single token."""
-    ids = backbone.tokenize([PSEUDO_WORD])[0]
-    specials = {ids[0].item(), ids[(ids != 0).sum() - 1].item()}  # start and end of text
-    words = [i for i in ids.tolist() if i != 0 and i not in specials]
+    ids = backbone.tokenize([PSEUDO_WORD])
+    words = ids[backbone.text_mask(ids)][1:-1].tolist()  # the real tokens without start and end of text
     if len(words) != 1:
         raise ValueError(f"the tokenizer of {backbone.model_name} splits {PSEUDO_WORD!r} into {len(words)} tokens")
     return words[0]

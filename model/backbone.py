@@ -6,6 +6,10 @@ Hugging Face's ``last_hidden_state``) and the projected image embedding ``e_img`
 it returns the token states ``T`` after the text tower's final LayerNorm, the padding mask ``m`` and the
 projected text embedding ``e_txt``.  The image tokens are captured with a forward hook on the vision
 transformer, so the tower runs once.
+
+The MLP activation follows the weights: OpenAI's CLIP weights (and a few others) were trained with
+QuickGELU ``x·σ(1.702x)``, which open_clip 3.x builds only for ``*-quickgelu`` names or when asked, so
+:func:`create_backbone` asks whenever the pretrained tag says so and records the choice in ``describe()``.
 """
 from __future__ import annotations
 
@@ -15,8 +19,9 @@ from typing import Any, Sequence
 
 import open_clip
 import torch
-from open_clip.transformer import text_global_pool
+from open_clip.transformer import QuickGELU, text_global_pool
 from torch import Tensor, nn
+
 
 MODEL_CONFIG_DIR = Path(__file__).resolve().parent / "model_configs"
 # The tiny configs shipped with the project become ordinary open_clip model names.
@@ -34,6 +39,23 @@ class TextFeatures:
     tokens: Tensor  # [B, L, w], after the final LayerNorm
     mask: Tensor  # [B, L], 1 for real tokens (start, words, end), 0 for padding
     embeds: Tensor  # [B, D], projected, not normalised
+
+
+def text_mask_from_ids(token_ids: Tensor, eot_id: int | None = None) -> Tensor:
+    """Mask of the real tokens [B, L] (bool): True from the start token up to the end-of-text token inclusive.
+
+    Never from the id value: CLIP's BPE gives the byte token ``!`` id 0, the padding id.  The end of text is
+    the first position holding ``eot_id`` (a row without it, e.g. cut by hand, is all real tokens); with
+    ``eot_id`` None it is the row's largest id, the position open_clip's ``argmax`` pooling reads (CLIP's
+    end-of-text token 49407 is the largest id of its vocabulary).
+    """
+    length = token_ids.shape[-1]
+    if eot_id is None:
+        end = token_ids.argmax(dim=-1)
+    else:
+        is_eot = token_ids == eot_id
+        end = torch.where(is_eot.any(dim=-1), is_eot.int().argmax(dim=-1), length - 1)
+    return torch.arange(length, device=token_ids.device) <= end.unsqueeze(-1)
 
 
 def list_shipped_configs() -> list[str]:
@@ -62,6 +84,8 @@ class CLIPBackbone(nn.Module):
         self._text_tower = getattr(clip_model, "text", clip_model)
         if getattr(self._text_tower, "cls_emb", None) is not None:
             raise ValueError(f"model {model_name!r} has a CoCa-style text class token; not supported")
+        # The tokenizer's end-of-text id gives caption lengths and the text mask (see text_mask_from_ids).
+        self.eot_token_id: int | None = getattr(tokenizer, "eot_token_id", None)
         self._captured_tokens: Tensor | None = None
         # CLIP's contrastive temperature is not used by composed retrieval: keep it out of the optimiser.
         for name in ("logit_scale", "logit_bias"):
@@ -92,6 +116,11 @@ class CLIPBackbone(nn.Module):
         return int(size[0] if isinstance(size, (tuple, list)) else size)
 
     @property
+    def quick_gelu(self) -> bool:
+        """True when the towers' MLPs use QuickGELU ``x·σ(1.702x)`` (OpenAI's activation), False for GELU."""
+        return any(isinstance(module, QuickGELU) for module in self.clip.modules())
+
+    @property
     def vision_tower(self) -> nn.Module:
         """The open_clip vision transformer."""
         return self.clip.visual
@@ -104,6 +133,7 @@ class CLIPBackbone(nn.Module):
             "text_width": self.text_width,
             "embed_dim": self.embed_dim,
             "image_size": self.image_size,
+            "quick_gelu": self.quick_gelu,
         }
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
@@ -128,10 +158,18 @@ class CLIPBackbone(nn.Module):
 
     # ---------------------------------------------------------------- text
     def tokenize(self, captions: Sequence[str]) -> Tensor:
-        """Tokenise and cut to the longest caption of the batch: [B, L] with L <= context length."""
+        """Tokenise and cut to the longest caption of the batch: [B, L] with L <= context length.
+
+        A caption's length runs to its end-of-text token (:func:`text_mask_from_ids`), so a ``!`` (id 0)
+        inside the longest caption does not cut it short.
+        """
         token_ids = self.tokenizer(list(captions))
-        longest = int((token_ids != 0).sum(dim=1).max())
+        longest = int(self.text_mask(token_ids).sum(dim=1).max())
         return token_ids[:, :longest].contiguous()
+
+    def text_mask(self, token_ids: Tensor) -> Tensor:
+        """token_ids [B, L] -> bool mask [B, L] of the real tokens (start, words, end of text)."""
+        return text_mask_from_ids(token_ids, self.eot_token_id)
 
     def embed_tokens(self, token_ids: Tensor) -> Tensor:
         """token_ids [B, L] -> the text tower's word embeddings [B, L, w] (no positional embedding)."""
@@ -141,7 +179,8 @@ class CLIPBackbone(nn.Module):
         """token_ids [B, L] (L <= context length) -> token states [B, L, w], mask [B, L], embeds [B, D].
 
         The causal attention mask makes the states of real tokens independent of how much padding
-        follows, so a batch cut to its longest caption gives the same features as the full 77 tokens.
+        follows, so a batch cut to its longest caption (:meth:`tokenize`) gives the same features as the
+        full 77 tokens (tested, including captions with ``!``).
         """
         return self.encode_text_embeddings(self.embed_tokens(token_ids), token_ids)
 
@@ -151,8 +190,8 @@ class CLIPBackbone(nn.Module):
         Args:
             word_embeds: [B, L, w] word embeddings, e.g. :meth:`embed_tokens` with some positions
                 replaced (a pseudo word such as textual-inversion methods produce).
-            token_ids: [B, L] the ids the embeddings stand for; they give the padding mask and the
-                pooled (end-of-text) position.
+            token_ids: [B, L] the ids the embeddings stand for; they give the text mask (up to the
+                end-of-text token) and the pooled (end-of-text) position.
 
         Returns:
             The same :class:`TextFeatures` as :meth:`encode_text` computes from ``token_ids``.
@@ -177,12 +216,27 @@ class CLIPBackbone(nn.Module):
         projection = tower.text_projection
         if projection is not None:
             pooled = projection(pooled) if isinstance(projection, nn.Linear) else pooled @ projection
-        mask = (token_ids != 0).to(x.dtype)
+        mask = self.text_mask(token_ids).to(x.dtype)
         return TextFeatures(tokens=x, mask=mask, embeds=pooled)
+
 
 def parse_pretrained(value: str | None) -> str | None:
     """A ``--pretrained`` flag: None (random weights) for None, '' or 'none' in any case, else the tag / path."""
     return None if value is None or str(value).lower() in ("", "none") else value
+
+
+def resolve_quick_gelu(model_name: str, pretrained: str | None = None, quick_gelu: bool | None = None) -> bool:
+    """Whether ``model_name`` with ``pretrained`` weights must run QuickGELU.
+
+    An explicit ``quick_gelu`` wins.  Otherwise a pretrained tag decides (open_clip's ``quick_gelu``
+    metadata: True for OpenAI's weights and a few others), and random weights or a local file get the model
+    config's own activation (True for ``*-quickgelu`` names: name a local file of OpenAI-style weights so).
+    """
+    if quick_gelu is not None:
+        return bool(quick_gelu)
+    if pretrained and not Path(pretrained).is_file():
+        return bool(open_clip.get_pretrained_cfg(model_name, pretrained).get("quick_gelu", False))
+    return bool((open_clip.get_model_config(model_name) or {}).get("quick_gelu", False))
 
 
 def create_backbone(
@@ -190,14 +244,17 @@ def create_backbone(
     pretrained: str | None = None,
     device: torch.device | str = "cpu",
     precision: str = "fp32",
+    quick_gelu: bool | None = None,
 ) -> CLIPBackbone:
-    """Build an open_clip backbone.
+    """Build an open_clip backbone whose activation follows its weights.
 
     Args:
         model_name: any open_clip model name with a ViT vision tower (``ViT-B-32``, ``ViT-L-14``, one of
             the shipped tiny configs, ...).
         pretrained: an open_clip pretrained tag (``openai``, ``laion2b_s34b_b79k``, ...), a path to a local
             checkpoint file, or None for random weights.
+        quick_gelu: force QuickGELU (True) or GELU (False); None follows the weights
+            (:func:`resolve_quick_gelu`), e.g. QuickGELU for ``ViT-B-32`` with ``openai``.
     """
     if model_name not in open_clip.list_models():
         raise ValueError(
@@ -210,8 +267,11 @@ def create_backbone(
                 f"{pretrained!r} is neither a local checkpoint file nor a pretrained tag of {model_name} "
                 f"(known tags: {known})"
             )
+    use_quick_gelu = resolve_quick_gelu(model_name, pretrained, quick_gelu)
+    # force_quick_gelu also keeps open_clip's tag check quiet; the keyword sets GELU for a -quickgelu name.
     clip_model = open_clip.create_model(
-        model_name, pretrained=pretrained or None, precision=precision, device=device
+        model_name, pretrained=pretrained or None, precision=precision, device=device,
+        force_quick_gelu=use_quick_gelu, quick_gelu=use_quick_gelu,
     )
     tokenizer = open_clip.get_tokenizer(model_name)
     return CLIPBackbone(clip_model, tokenizer, model_name)

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .backbone import CLIPBackbone, create_backbone
+from .backbone import CLIPBackbone, create_backbone, resolve_quick_gelu
 from .ssn_head import SSNHead
 
 # Retrieval methods: SSN itself and the backbone-only baselines it is compared with.
@@ -123,14 +123,30 @@ def build_ssn_model(
     pretrained: str | None = None,
     nhead: int = 8,
     device: torch.device | str = "cpu",
+    quick_gelu: bool | None = None,
 ) -> SSNModel:
-    """Backbone from open_clip (name + pretrained tag or local file) and a freshly initialised head."""
-    backbone = create_backbone(clip_model_name, pretrained=pretrained, device=device)
+    """Backbone from open_clip (name + pretrained tag or local file) and a freshly initialised head.
+
+    ``quick_gelu`` None lets the activation follow the weights (:func:`model.backbone.resolve_quick_gelu`).
+    """
+    backbone = create_backbone(clip_model_name, pretrained=pretrained, device=device, quick_gelu=quick_gelu)
     return SSNModel(backbone, nhead=nhead).to(device)
+
+
+def complete_model_config(config: dict[str, Any]) -> dict[str, Any]:
+    """A saved :meth:`SSNModel.config` with the keys older checkpoints lack filled in as they were trained.
+
+    ``quick_gelu`` (added later): older code built the model config's own activation, i.e. GELU unless the
+    name ends in ``-quickgelu``.
+    """
+    if "quick_gelu" in config or "clip_model_name" not in config:
+        return config
+    return {**config, "quick_gelu": resolve_quick_gelu(config["clip_model_name"])}
 
 
 def check_model_config(saved: dict[str, Any], current: dict[str, Any], source: str) -> None:
     """Raise CheckpointMismatchError naming every difference between two :meth:`SSNModel.config` dicts."""
+    saved = complete_model_config(saved)
     differences = [
         f"{key}: checkpoint has {saved.get(key)!r}, model has {current.get(key)!r}"
         for key in sorted(set(saved) | set(current))
@@ -177,7 +193,9 @@ def ssn_model_from_checkpoint(checkpoint: dict[str, Any], device: torch.device |
     missing = [key for key in ("clip_model_name", "nhead") if key not in config]
     if missing:
         raise CheckpointMismatchError(f"{source}: model_config lacks {', '.join(missing)}")
-    model = build_ssn_model(config["clip_model_name"], pretrained=None, nhead=config["nhead"], device=device)
+    config = complete_model_config(config)
+    model = build_ssn_model(config["clip_model_name"], pretrained=None, nhead=config["nhead"], device=device,
+                            quick_gelu=config["quick_gelu"])
     check_model_config(config, model.config(), source)
     check_state_dict(model, checkpoint["model"], source)
     model.load_state_dict(checkpoint["model"])
