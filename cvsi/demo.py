@@ -25,7 +25,7 @@ import torch
 
 import utils
 import zero_shot_cvsi
-from cvsi.llm import MODIFY_MARKER, OBJECTS_MARKER
+from cvsi.prompts import MODIFY_MARKER, OBJECTS_MARKER
 from cvsi.loopback import LoopbackChatServer, Reply, chat_reply
 from cvsi.phi import Phi, save_phi
 from data_utils import CAPTIONS_DIR, make_synthetic_circo

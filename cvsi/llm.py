@@ -1,26 +1,20 @@
-"""OpenAI-compatible chat-completions client and CVSI's two LLM prompts.
+"""Chat completions through the ``openai`` client, run concurrently with a disk cache and failure records.
 
-Works with any server speaking ``POST {base_url}/chat/completions`` (OpenAI, vLLM, llama.cpp, Ollama,
-...). Only the standard library is used (``urllib``). Requests run in a thread pool; 429, 5xx,
-time-outs and connection errors are retried with exponential back-off (honouring ``Retry-After``);
-an answer that cannot be parsed is requested again and, if it stays malformed, recorded as a
-failure with its query id — never used.
+Any server speaking the OpenAI chat-completions API works through ``base_url`` (OpenAI, vLLM,
+llama.cpp, Ollama, ...). Transport is the ``openai`` package's: it retries time-outs, connection
+errors, 408 / 409 / 429 and 5xx up to ``max_retries`` times with its exponential back-off (honouring
+``Retry-After``). Around it this module keeps what the library does not do: an answer that cannot be
+parsed is requested again (``max_retries`` times, our back-off) and, if it stays malformed, recorded
+as a failure with its query id — never used; many requests run at once (a thread pool); answers are
+cached on disk as they arrive.
 
-The two prompts (paper §III-C): ``p_m`` rewrites one reference caption ``C_i^B`` with the modification
-text ``T`` into a modified caption ``C_i^M``; ``p_a`` names the objects most likely added (``F_add``).
-The wording here is this project's; pass your own template files to reproduce another release's
-exact prompts.
+The prompts themselves, the message layout and the answer parsers are in :mod:`cvsi.prompts`.
 """
 from __future__ import annotations
 
-import http.client
-import json
 import logging
 import os
-import socket
 import time
-import urllib.error
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
@@ -31,8 +25,7 @@ from cvsi.cache import JsonCache, fingerprint
 
 __all__ = [
     "LLMError", "MalformedAnswer", "ChatConfig", "ChatClient", "LLMJob", "LLMFailure", "run_jobs",
-    "MODIFY_PROMPT", "OBJECTS_PROMPT", "MODIFY_MARKER", "OBJECTS_MARKER", "build_messages",
-    "parse_edited_description", "parse_added_objects", "ENV_BASE_URL", "ENV_MODEL", "ENV_API_KEY",
+    "ENV_BASE_URL", "ENV_MODEL", "ENV_API_KEY",
 ]
 
 _logger = logging.getLogger("cir.cvsi.llm")
@@ -40,53 +33,17 @@ _logger = logging.getLogger("cir.cvsi.llm")
 ENV_BASE_URL = "CVSI_LLM_BASE_URL"  # falls back to OPENAI_BASE_URL
 ENV_MODEL = "CVSI_LLM_MODEL"
 ENV_API_KEY = "OPENAI_API_KEY"
-_RETRY_STATUS = {408, 409, 425, 429}  # plus every 5xx
-
-MODIFY_MARKER = "Edited Description:"
-OBJECTS_MARKER = "Objects most likely added:"
-
-MODIFY_PROMPT = f"""You rewrite image descriptions. After "Image Content:" you get a description of an image, \
-after "Instruction:" a request to change that image. Write one short description of the image as it \
-looks after the change. Describe only the changed image, not the original one and not the change \
-itself, and do not invent details that neither the description nor the request implies. Answer with a \
-single line starting with "{MODIFY_MARKER}".
-
-Image Content: a brown dog lying on a sofa
-Instruction: replace the dog with two cats and make the sofa red
-{MODIFY_MARKER} two cats lying on a red sofa
-
-Image Content: a plate with rice, beans and a fried egg
-Instruction: take away the egg and show it from above
-{MODIFY_MARKER} a plate of rice and beans seen from above"""
-
-OBJECTS_PROMPT = f"""After "Image Content:" you get a description of an image, after "Instruction:" a \
-request to change that image. Name the objects that the change most likely adds to the image, as a \
-short comma-separated list of noun phrases keeping the details the request gives (colour, number, \
-material). Answer with a single line starting with "{OBJECTS_MARKER}".
-
-Image Content: a man holding a fish on a pier
-Instruction: show a crowd watching him from behind a fence
-{OBJECTS_MARKER} a crowd of people, a fence
-
-Image Content: a white cup on a desk
-Instruction: make it a pair of red mugs
-{OBJECTS_MARKER} two red mugs"""
+# Local servers take no key, but the openai client insists on one; they ignore what is sent.
+_NO_KEY = "no-key"
+_DETAIL_CHARS = 200
 
 
 class LLMError(RuntimeError):
-    """A request failed for good (after retries, or with a non-retryable HTTP status)."""
+    """A request failed for good (after the client's retries, or with a non-retryable HTTP status)."""
 
 
 class MalformedAnswer(ValueError):
     """The server's body or the model's answer does not have the expected form."""
-
-
-class _Transient(Exception):
-    """A failure worth retrying; ``retry_after`` is the server's hint in seconds, if any."""
-
-    def __init__(self, message: str, retry_after: float | None = None) -> None:
-        super().__init__(message)
-        self.retry_after = retry_after
 
 
 @dataclass(frozen=True)
@@ -96,20 +53,25 @@ class ChatConfig:
     Args:
         base_url: e.g. ``https://api.openai.com/v1`` or ``http://127.0.0.1:8000/v1``.
         model: the server's model name.
-        api_key: sent as ``Authorization: Bearer``; None for local servers without keys.
-        temperature: 0 (the paper's setting) makes answers repeatable.
-        max_tokens: answer length limit.
-        timeout: seconds per request.
-        max_retries: retries after the first attempt (transient errors and malformed answers).
-        backoff: first back-off in seconds, doubled per retry, capped by ``max_backoff``.
+        api_key: sent as ``Authorization: Bearer``; None for local servers without keys. Never part of
+            the repr, the cache identity or any file written.
+        temperature: 0 (the paper's and the release's setting) makes answers repeatable.
+        max_tokens: answer length limit (the release: 700).
+        stop: stop sequences (the release: a blank line and ``<|endoftext|>``); empty for none.
+        timeout: seconds per request (the openai client's ``timeout``).
+        max_retries: the openai client's ``max_retries`` for transport errors, and the number of times a
+            malformed answer is requested again.
+        backoff: first delay before asking again after a malformed answer, doubled per retry, capped by
+            ``max_backoff`` (transport retries use the openai client's own back-off).
         concurrency: requests in flight at once.
     """
 
     base_url: str
     model: str
-    api_key: str | None = None
+    api_key: str | None = field(default=None, repr=False)
     temperature: float = 0.0
     max_tokens: int = 256
+    stop: tuple[str, ...] = ()
     timeout: float = 60.0
     max_retries: int = 6
     backoff: float = 1.0
@@ -130,121 +92,85 @@ class ChatConfig:
         return cls(base_url=base_url, model=model, api_key=api_key or os.environ.get(ENV_API_KEY), **kwargs)
 
     def identity(self) -> dict[str, Any]:
-        """What determines the answers (cache identity): not the URL or key."""
-        return {"model": self.model, "temperature": self.temperature, "max_tokens": self.max_tokens}
+        """What determines the answers (cache identity): not the URL, key or transport settings."""
+        return {"model": self.model, "temperature": self.temperature, "max_tokens": self.max_tokens,
+                "stop": list(self.stop)}
 
 
 class ChatClient:
-    """Blocking chat-completions calls with retries; safe to share between threads."""
+    """Blocking chat-completions calls with retries; safe to share between threads.
+
+    Args:
+        config: connection and generation settings.
+        sleep: waits between re-asks after malformed answers (tests pass a no-op).
+    """
 
     def __init__(self, config: ChatConfig, sleep: Callable[[float], None] = time.sleep) -> None:
+        try:
+            import openai
+        except ImportError as exc:
+            raise ImportError("the LLM client needs the openai package: pip install -r requirement.txt") from exc
         self.config = config
         self._sleep = sleep
-        self._url = config.base_url.rstrip("/") + "/chat/completions"
+        self._openai = openai
+        self._client = openai.OpenAI(base_url=config.base_url, api_key=config.api_key or _NO_KEY,
+                                     max_retries=config.max_retries, timeout=config.timeout)
 
-    def _post(self, messages: Sequence[Mapping[str, str]]) -> str:
-        """One request; returns the answer text. Raises _Transient, LLMError or MalformedAnswer."""
-        body = json.dumps({
-            "model": self.config.model, "messages": list(messages),
-            "temperature": self.config.temperature, "max_tokens": self.config.max_tokens,
-        }).encode("utf-8")
-        headers = {"Content-Type": "application/json"}
-        if self.config.api_key:
-            headers["Authorization"] = f"Bearer {self.config.api_key}"
-        request = urllib.request.Request(self._url, data=body, headers=headers, method="POST")
-        try:
-            with urllib.request.urlopen(request, timeout=self.config.timeout) as response:
-                raw = response.read()
-        except urllib.error.HTTPError as exc:
-            detail = exc.read()[:200].decode("utf-8", "replace")
-            if exc.code in _RETRY_STATUS or exc.code >= 500:
-                raise _Transient(f"HTTP {exc.code}: {detail}", _retry_after(exc.headers.get("Retry-After"))) from exc
-            raise LLMError(f"HTTP {exc.code} from {self._url}: {detail}") from exc
-        except (TimeoutError, socket.timeout) as exc:
-            raise _Transient(f"timed out after {self.config.timeout} s") from exc
-        except urllib.error.URLError as exc:  # connection refused / reset, DNS, time-out while connecting
-            raise _Transient(f"connection failed: {exc.reason}") from exc
-        except (ConnectionError, http.client.HTTPException) as exc:  # reset, truncated or garbled response
-            raise _Transient(f"connection failed: {exc}") from exc
-        return _answer_text(raw)
-
-    def complete(self, messages: Sequence[Mapping[str, str]], parse: Callable[[str], str]) -> str:
-        """Send ``messages`` and return ``parse(answer)``, retrying transient errors and malformed answers.
+    def _request(self, messages: Sequence[Mapping[str, str]]) -> str:
+        """One request (with the client's transport retries); returns the answer text.
 
         Raises:
-            LLMError: still failing after ``max_retries`` retries, or a non-retryable HTTP error.
+            LLMError: HTTP error or no connection after the client's retries, or a non-retryable status.
+            MalformedAnswer: a body that is not a chat completion, or no text answer in it.
+        """
+        openai = self._openai
+        stop = list(self.config.stop) if self.config.stop else openai.omit
+        try:
+            completion = self._client.chat.completions.create(
+                model=self.config.model, messages=list(messages), temperature=self.config.temperature,
+                max_tokens=self.config.max_tokens, stop=stop,
+            )
+        except openai.APIStatusError as exc:
+            detail = exc.response.text[:_DETAIL_CHARS]
+            raise LLMError(_gave_up(exc.request, f"HTTP {exc.status_code} from {self.config.base_url}: {detail}")) from exc
+        except openai.APITimeoutError as exc:
+            raise LLMError(_gave_up(exc.request, f"timed out after {self.config.timeout} s")) from exc
+        except openai.APIConnectionError as exc:
+            raise LLMError(_gave_up(exc.request, f"connection failed: {exc.__cause__ or exc}")) from exc
+        except (ValueError, openai.APIResponseValidationError) as exc:  # 200 with a body that is not JSON / not an object
+            raise MalformedAnswer(f"body is not a chat completion ({exc})") from exc
+        choices = getattr(completion, "choices", None)
+        if not choices:
+            raise MalformedAnswer("no choices in the answer")
+        message = getattr(choices[0], "message", None)
+        content = getattr(message, "content", None)
+        if not isinstance(content, str):
+            raise MalformedAnswer(f"choices[0].message.content is {type(content).__name__}, not text")
+        return content
+
+    def complete(self, messages: Sequence[Mapping[str, str]], parse: Callable[[str], str]) -> str:
+        """Send ``messages`` and return ``parse(answer)``; a malformed answer is requested again.
+
+        Raises:
+            LLMError: a transport failure the client's retries did not fix, or still malformed after
+                ``max_retries`` re-asks.
         """
         last = ""
         for attempt in range(self.config.max_retries + 1):
             try:
-                return parse(self._post(messages))
-            except _Transient as exc:
-                last, hint = str(exc), exc.retry_after
+                return parse(self._request(messages))
             except MalformedAnswer as exc:
-                last, hint = f"malformed answer: {exc}", None
+                last = f"malformed answer: {exc}"
             if attempt < self.config.max_retries:
-                delay = hint if hint is not None else self.config.backoff * 2**attempt
-                self._sleep(min(delay, self.config.max_backoff))
+                self._sleep(min(self.config.backoff * 2**attempt, self.config.max_backoff))
         raise LLMError(f"gave up after {self.config.max_retries + 1} attempts; last error: {last}")
 
 
-def _retry_after(value: str | None) -> float | None:
-    try:
-        return max(0.0, float(value)) if value is not None else None
-    except ValueError:  # an HTTP date: fall back to the exponential schedule
-        return None
-
-
-def _answer_text(raw: bytes) -> str:
-    """``choices[0].message.content`` of a chat-completions body."""
-    try:
-        body = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise MalformedAnswer(f"body is not JSON: {raw[:80]!r}") from exc
-    try:
-        content = body["choices"][0]["message"]["content"]
-    except (KeyError, IndexError, TypeError) as exc:
-        raise MalformedAnswer(f"no choices[0].message.content in {str(body)[:120]}") from exc
-    if not isinstance(content, str):
-        raise MalformedAnswer(f"content is {type(content).__name__}, not text")
-    return content
-
-
-# ------------------------------------------------------------------------------------------ prompts
-def build_messages(template: str, caption: str, instruction: str, marker: str) -> list[dict[str, str]]:
-    """One user message: the template, then ``Image Content: …``, ``Instruction: …`` and the answer marker."""
-    text = f"{template.rstrip()}\n\nImage Content: {caption.strip()}\nInstruction: {instruction.strip()}\n{marker}"
-    return [{"role": "user", "content": text}]
-
-
-def _after_marker(text: str, marker: str) -> str:
-    """The first non-empty line after the last ``marker`` (or of the whole text), cleaned of markdown
-    emphasis, quotes and brackets."""
-    lowered, key = text.lower(), marker.lower().rstrip(":")
-    position = lowered.rfind(key)
-    if position >= 0:
-        text = text[position + len(key):].lstrip("*: \t")
-    for line in text.splitlines():
-        line = line.strip().strip("*_`\"'[]").strip()
-        if line:
-            return line
-    return ""
-
-
-def parse_edited_description(text: str) -> str:
-    """The modified caption ``C^M`` from an answer to :data:`MODIFY_PROMPT`."""
-    answer = _after_marker(text, MODIFY_MARKER)
-    if not answer or answer.lower().startswith(("image content", "instruction")):
-        raise MalformedAnswer(f"no edited description in {text[:120]!r}")
-    return answer
-
-
-def parse_added_objects(text: str) -> str:
-    """The objects most likely added, ``F_add``, from an answer to :data:`OBJECTS_PROMPT`."""
-    answer = _after_marker(text, OBJECTS_MARKER)
-    if not answer or answer.lower().startswith(("image content", "instruction")):
-        raise MalformedAnswer(f"no objects in {text[:120]!r}")
-    return answer
+def _gave_up(request: Any, error: str) -> str:
+    """``error``, prefixed with the number of attempts when the client retried (it numbers its retries
+    in the ``x-stainless-retry-count`` header of the last request)."""
+    retries = int(request.headers.get("x-stainless-retry-count", 0)) if request is not None else 0
+    return f"gave up after {retries + 1} attempts; last error: {error}" if retries else error
 
 
 # ------------------------------------------------------------------------------------------ batches
@@ -260,7 +186,7 @@ class LLMJob:
 
     @property
     def key(self) -> str:
-        """Cache key: the exact prompt (the model is the cache's identity)."""
+        """Cache key: the exact prompt (the model and the parser are the cache's identity)."""
         return fingerprint(self.messages)
 
 

@@ -22,9 +22,9 @@ LOOPBACK_HOST = "127.0.0.1"
 
 @dataclass
 class Reply:
-    """What the server sends: ``body`` as bytes, text, or a JSON-serialisable object."""
+    """What the server sends: ``body`` as bytes, text, or a JSON-serialisable value."""
 
-    body: bytes | str | dict[str, Any] = b""
+    body: Any = b""
     status: int = 200
     headers: dict[str, str] = field(default_factory=dict)
     delay: float = 0.0  # seconds to wait before answering
@@ -51,12 +51,12 @@ def _handler(server: "LoopbackChatServer") -> type[BaseHTTPRequestHandler]:
                 except json.JSONDecodeError:
                     reply = Reply({"error": "request body is not JSON"}, status=400)
                 else:
-                    server.count_request(request)
+                    server.count_request(request, {k.lower(): v for k, v in self.headers.items()})
                     reply = server.responder(request)
             if reply.delay:
                 time.sleep(reply.delay)
             body = reply.body
-            if isinstance(body, dict):
+            if not isinstance(body, (bytes, str)):
                 body = json.dumps(body)
             if isinstance(body, str):
                 body = body.encode("utf-8")
@@ -81,13 +81,14 @@ class LoopbackChatServer:
     """Threaded HTTP server on 127.0.0.1 (a free port) answering ``POST …/chat/completions``.
 
     Use as a context manager; :attr:`base_url` ends in ``/v1``; :attr:`requests` counts the chat
-    requests received (and :attr:`bodies` keeps them).
+    requests received (:attr:`bodies` keeps them, :attr:`headers` their HTTP headers, names lower-cased).
     """
 
     def __init__(self, responder: Callable[[dict[str, Any]], Reply]) -> None:
         self.responder = responder
         self.requests = 0
         self.bodies: list[dict[str, Any]] = []
+        self.headers: list[dict[str, str]] = []
         self._lock = threading.Lock()
         self._httpd = ThreadingHTTPServer((LOOPBACK_HOST, 0), _handler(self))
         self._httpd.daemon_threads = True
@@ -97,10 +98,11 @@ class LoopbackChatServer:
     def base_url(self) -> str:
         return f"http://{LOOPBACK_HOST}:{self._httpd.server_address[1]}/v1"
 
-    def count_request(self, request: dict[str, Any]) -> None:
+    def count_request(self, request: dict[str, Any], headers: dict[str, str]) -> None:
         with self._lock:
             self.requests += 1
             self.bodies.append(request)
+            self.headers.append(headers)
 
     def __enter__(self) -> "LoopbackChatServer":
         self._thread.start()

@@ -27,11 +27,12 @@ from cvsi.cache import JsonCache, TensorCache, fingerprint, module_fingerprint
 from cvsi.captioner import Blip2Captioner, caption_images
 from cvsi.fusion import ABLATIONS, PRESETS, FusionWeights, fuse_query, fuse_target
 from cvsi.imports import QueryAnswers, match_answers, read_answer_files, read_caption_files, write_answer_file
-from cvsi.llm import (
-    MODIFY_MARKER, MODIFY_PROMPT, OBJECTS_MARKER, OBJECTS_PROMPT, ChatClient, ChatConfig, LLMError, LLMJob,
-    build_messages, parse_added_objects, parse_edited_description, run_jobs,
-)
+from cvsi.llm import ChatClient, ChatConfig, LLMError, LLMJob, run_jobs
 from cvsi.phi import Phi, load_phi
+from cvsi.prompts import (
+    MODIFY_MARKER, MODIFY_PROMPT, OBJECTS_MARKER, OBJECTS_PROMPT, build_messages, parse_added_objects,
+    parse_edited_description,
+)
 from cvsi.pseudo_tokens import encode_with_pseudo_words, fine_grained_prompt, placeholder_token_id
 from data_utils import (
     CIRCODataset, CIRRDataset, DataError, FashionIQDataset, ImageFiles, build_transform, collate_batch, join_fiq_captions,

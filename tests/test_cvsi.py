@@ -12,13 +12,11 @@ import torch.nn.functional as F
 from cvsi.cache import CacheError, JsonCache, TensorCache, fingerprint
 from cvsi.fusion import ABLATIONS, PRESETS, FusionWeights, fuse_query, fuse_target
 from cvsi.imports import QueryAnswers, match_answers, read_answer_files, read_caption_files, write_answer_file
-from cvsi.llm import (
-    ChatClient, ChatConfig, LLMError, LLMJob, MalformedAnswer, build_messages, parse_added_objects,
-    parse_edited_description, run_jobs,
-)
+from cvsi.llm import ChatClient, ChatConfig, LLMError, LLMJob, MalformedAnswer, run_jobs
 from cvsi.loopback import LoopbackChatServer, Reply, chat_reply
 from cvsi.phi import Phi, PhiCheckpointError, load_phi, save_phi
 from cvsi.pipeline import Query, Task, evaluate
+from cvsi.prompts import build_messages, parse_added_objects, parse_edited_description
 from cvsi.pseudo_tokens import encode_with_pseudo_words, fine_grained_prompt, placeholder_token_id
 from data_utils import CAPTIONS_DIR, SYNTHETIC_CAPTIONS_PER_IMAGE, DataError, make_synthetic_circo, make_synthetic_cirr, make_synthetic_fashioniq
 from model import create_backbone
@@ -242,10 +240,11 @@ def test_client_survives_slow_answers_429_500_and_malformed_bodies():
     good = "Edited Description: a blue circle"
     replies = [
         Reply(delay=1.0, body=chat_reply(good).body),  # slower than the 0.5 s time-out
-        Reply({"error": "rate limited"}, status=429, headers={"Retry-After": "0"}),
+        Reply({"error": "rate limited"}, status=429, headers={"Retry-After": "0.05"}),
         Reply({"error": "boom"}, status=500),
         Reply(b"<html>bad gateway</html>"),  # not JSON
         Reply({"choices": []}),  # JSON without an answer
+        Reply([1, 2]),  # JSON, but not an object
         chat_reply("I cannot help with that. Edited Description:"),  # an empty answer
         chat_reply(good),
     ]
@@ -293,3 +292,18 @@ def test_run_jobs_records_malformed_answers_as_failures_and_caches_the_rest(tmp_
         again, failures = run_jobs(ChatClient(config), jobs, JsonCache(tmp_path, "llm", config.identity()))
         assert server.requests - first == 3  # only the failed job, with its retries
         assert again == answers and len(failures) == 1
+
+
+def test_api_key_is_sent_but_kept_out_of_repr_cache_and_files(tmp_path):
+    key = "sk-test-" + "k" * 24
+    jobs = [LLMJob("q0", "modified_caption", 0, build_messages("Edit.", "a", "T", "Edited Description:"),
+                   parse_edited_description)]
+    with LoopbackChatServer(_scripted([chat_reply("Edited Description: b")])) as server:
+        config = _config(server, api_key=key)
+        cache = JsonCache(tmp_path, "llm", config.identity())
+        answers, failures = run_jobs(ChatClient(config), jobs, cache)
+        assert server.headers[0]["authorization"] == f"Bearer {key}"
+    assert list(answers.values()) == ["b"] and not failures
+    assert key not in repr(config) and key not in json.dumps(config.identity())
+    written = [path for path in tmp_path.rglob("*") if path.is_file()]
+    assert written and not any(key in path.read_text() for path in written)
