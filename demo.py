@@ -20,7 +20,7 @@ import cirr_test_submission
 import train_cirr
 import utils
 import validate
-from data_utils import make_synthetic_cirr
+from synthetic import make_synthetic_cirr
 
 
 def build_parser() -> argparse.ArgumentParser:

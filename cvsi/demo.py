@@ -28,8 +28,8 @@ import zero_shot_cvsi
 from cvsi.prompts import MODIFY_MARKER, OBJECTS_MARKER
 from cvsi.loopback import LoopbackChatServer, Reply, chat_reply
 from cvsi.phi import Phi, save_phi
-from data_utils import CAPTIONS_DIR, make_synthetic_circo
 from model import create_backbone
+from synthetic import CAPTIONS_DIR, make_synthetic_circo
 
 _OBJECT = re.compile(r"\ban? (\w+) (circle|square|triangle)\b")
 _EDIT = re.compile(r"make the (circle|square|triangle) (\w+)|remove the (circle|square|triangle)|add an? (\w+) (circle|square|triangle)")

@@ -18,8 +18,9 @@ from cvsi.phi import Phi, PhiCheckpointError, load_phi, save_phi
 from cvsi.pipeline import Query, Task, evaluate
 from cvsi.prompts import build_messages, parse_added_objects, parse_edited_description
 from cvsi.pseudo_tokens import encode_with_pseudo_words, fine_grained_prompt, placeholder_token_id
-from data_utils import CAPTIONS_DIR, SYNTHETIC_CAPTIONS_PER_IMAGE, DataError, make_synthetic_circo, make_synthetic_cirr, make_synthetic_fashioniq
+from data_utils import DataError
 from model import create_backbone
+from synthetic import CAPTIONS_DIR, SYNTHETIC_CAPTIONS_PER_IMAGE, make_synthetic_circo, make_synthetic_cirr, make_synthetic_fashioniq
 
 
 @pytest.fixture(scope="module")

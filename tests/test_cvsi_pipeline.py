@@ -18,8 +18,9 @@ from cvsi.llm import ChatClient, LLMError
 from cvsi.loopback import LoopbackChatServer, chat_reply
 from cvsi.phi import Phi, save_phi
 from cvsi.pipeline import load_tasks
-from data_utils import build_transform, load_image, make_synthetic_circo
+from data_utils import build_transform, load_image
 from model import create_backbone
+from synthetic import make_synthetic_circo
 
 transformers = pytest.importorskip("transformers")
 CLIP = "ViT-Tiny-P8-32"

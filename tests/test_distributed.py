@@ -102,7 +102,7 @@ def test_torchrun_two_cpu_processes_train_and_only_rank0_writes(tmp_path):
     import subprocess
     import sys
 
-    from data_utils import make_synthetic_cirr
+    from synthetic import make_synthetic_cirr
     import utils
 
     root = make_synthetic_cirr(tmp_path / "data", seed=5, num_train=64, num_val=16, num_test=8)

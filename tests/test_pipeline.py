@@ -11,8 +11,8 @@ import train_cirr
 import train_fiq
 import utils
 import validate
-from data_utils import make_synthetic_cirr, make_synthetic_fashioniq
 from model import CheckpointMismatchError
+from synthetic import make_synthetic_cirr, make_synthetic_fashioniq
 
 TINY = ["--clip_model_name", "ViT-Tiny-P8-32", "--pretrained", "none", "--transform", "clip", "--num_workers", "0",
         "--lr", "1e-3", "--optimizer", "adamw", "--grad_clip", "1.0"]

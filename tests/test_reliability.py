@@ -29,8 +29,9 @@ import train_cirr
 import training
 import utils
 import validate
-from data_utils import CIRRDataset, DataError, make_synthetic_cirr, read_json
+from data_utils import CIRRDataset, DataError, read_json
 from model import CheckpointMismatchError, build_ssn_model, ssn_loss_terms
+from synthetic import make_synthetic_cirr
 from training import NonFiniteLossError, ResumableSampler, TrainState, train_one_epoch
 
 REPO = Path(__file__).resolve().parents[1]

@@ -10,8 +10,8 @@ import torch
 import train_cirr
 import training
 import utils
-from data_utils import make_synthetic_cirr
 from model import build_ssn_model, ssn_loss
+from synthetic import make_synthetic_cirr
 
 TINY = ["--clip_model_name", "ViT-Tiny-P8-32", "--pretrained", "none", "--transform", "clip", "--num_workers", "0",
         "--num_epochs", "1", "--batch_size", "16", "--lr", "1e-3"]
