@@ -3,15 +3,16 @@
 It follows docs/ssn.md step by step the way the official code runs it: the full sequence-first
 ``nn.TransformerEncoder`` over every token, the positive and negative branches in two separate passes,
 no key padding mask, and both KL terms with a probability target.  It reads the weights of an
-:class:`model.SSNHead`, so both forwards share parameters and can be compared output for output.
+:class:`model.SSNHead`, so both forwards share parameters and can be compared output for output; any module
+with the official head's submodules works too, such as the official ``Model`` re-stated in
+``tests/reference/official_ssn.py``.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
-from model import SSNHead
 from model.loss import LOGIT_SCALE
 
 
@@ -21,7 +22,7 @@ def _pool(tokens: Tensor, mask: Tensor) -> Tensor:
 
 
 def official_compose(
-    head: SSNHead, ref_tokens: Tensor, ref_embed: Tensor, text_tokens: Tensor, text_embed: Tensor, text_mask: Tensor
+    head: nn.Module, ref_tokens: Tensor, ref_embed: Tensor, text_tokens: Tensor, text_embed: Tensor, text_mask: Tensor
 ) -> tuple[Tensor, Tensor]:
     """``(q⁺, q⁻)`` [B, D] from the full fusion sequence, one encoder pass per branch."""
     projected = head.image_token_proj_layer(ref_tokens)
@@ -44,7 +45,7 @@ def official_compose(
     return queries[0], queries[1]
 
 
-def official_target(head: SSNHead, tgt_tokens: Tensor, tgt_embed: Tensor) -> Tensor:
+def official_target(head: nn.Module, tgt_tokens: Tensor, tgt_embed: Tensor) -> Tensor:
     """Target feature ``t`` [B, D] from the full fusion sequence of the target's image tokens."""
     sequence = (head.image_token_proj_layer(tgt_tokens) + head.token_type_embeddings.weight[0]).permute(1, 0, 2)
     fused = head.fusion_layer(sequence).permute(1, 0, 2)

@@ -22,6 +22,7 @@ import torch
 from open_clip.transformer import QuickGELU, text_global_pool
 from torch import Tensor, nn
 
+from . import hf_clip
 
 MODEL_CONFIG_DIR = Path(__file__).resolve().parent / "model_configs"
 # The tiny configs shipped with the project become ordinary open_clip model names.
@@ -252,10 +253,19 @@ def create_backbone(
         model_name: any open_clip model name with a ViT vision tower (``ViT-B-32``, ``ViT-L-14``, one of
             the shipped tiny configs, ...).
         pretrained: an open_clip pretrained tag (``openai``, ``laion2b_s34b_b79k``, ...), a path to a local
-            checkpoint file, or None for random weights.
+            checkpoint file, or None for random weights.  Also a Hugging Face CLIP directory (``config.json``
+            + ``model.safetensors`` / ``pytorch_model.bin``): the architecture is then the directory's config,
+            ``model_name`` is not used, and the backbone is named ``hf-clip-<digest>`` (:mod:`model.hf_clip`).
         quick_gelu: force QuickGELU (True) or GELU (False); None follows the weights
             (:func:`resolve_quick_gelu`), e.g. QuickGELU for ``ViT-B-32`` with ``openai``.
     """
+    # ---- Hugging Face CLIP directory (model/hf_clip.py): architecture from its config.json, then its weights
+    if hf_clip.is_hf_clip_dir(pretrained):
+        hf_model_name, hf_state = hf_clip.load_hf_clip_dir(pretrained)
+        backbone = create_backbone(hf_model_name, None, device=device, precision=precision, quick_gelu=quick_gelu)
+        backbone.clip.load_state_dict(hf_state)
+        return backbone
+    # ---- end of the Hugging Face hook
     if model_name not in open_clip.list_models():
         raise ValueError(
             f"unknown open_clip model {model_name!r}; shipped tiny configs: {list_shipped_configs()}"

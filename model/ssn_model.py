@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import hf_clip
 from .backbone import CLIPBackbone, create_backbone, resolve_quick_gelu
 from .ssn_head import SSNHead
 
@@ -114,8 +115,14 @@ class SSNModel(nn.Module):
 
     # ------------------------------------------------------------------ checkpoints
     def config(self) -> dict[str, Any]:
-        """What a checkpoint needs to rebuild this model without any other input."""
-        return {**self.backbone.describe(), "nhead": self.nhead}
+        """What a checkpoint needs to rebuild this model without any other input.
+
+        A backbone built from a Hugging Face CLIP directory also records its open_clip model config
+        (``open_clip_config``), since its name ``hf-clip-<digest>`` is known to open_clip only once registered.
+        """
+        open_clip_config = hf_clip.registered_config(self.backbone.model_name)
+        return {**self.backbone.describe(), "nhead": self.nhead,
+                **({"open_clip_config": open_clip_config} if open_clip_config is not None else {})}
 
 
 def build_ssn_model(
@@ -193,6 +200,11 @@ def ssn_model_from_checkpoint(checkpoint: dict[str, Any], device: torch.device |
     missing = [key for key in ("clip_model_name", "nhead") if key not in config]
     if missing:
         raise CheckpointMismatchError(f"{source}: model_config lacks {', '.join(missing)}")
+    if "open_clip_config" in config:  # a backbone made from a Hugging Face CLIP directory (model/hf_clip.py)
+        try:
+            hf_clip.register_model_config(config["open_clip_config"], name=config["clip_model_name"])
+        except hf_clip.HFCLIPError as exc:
+            raise CheckpointMismatchError(f"{source}: {exc}") from exc
     config = complete_model_config(config)
     model = build_ssn_model(config["clip_model_name"], pretrained=None, nhead=config["nhead"], device=device,
                             quick_gelu=config["quick_gelu"])
