@@ -40,6 +40,8 @@ __all__ = [
     "TargetPad",
     "build_transform",
     "ImageFiles",
+    "IMAGE_EXTENSIONS",
+    "list_gallery_images",
     "CIRRDataset",
     "FashionIQDataset",
     "join_fiq_captions",
@@ -310,6 +312,20 @@ class ImageFiles(Dataset):
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         return {"name": self.names[index], "image": self.transform(load_image(self.paths[index]))}
+
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif")
+
+
+def list_gallery_images(directory: str | Path) -> list[Path]:
+    """Image files under ``directory`` (recursively), sorted so features line up with names."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise DataError(f"{directory}: gallery directory not found")
+    files = sorted(p for p in directory.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+    if not files:
+        raise DataError(f"{directory}: no image files ({', '.join(IMAGE_EXTENSIONS)})")
+    return files
 
 
 class CIRRDataset(_CIRDataset):

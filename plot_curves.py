@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from visualize import plot_training_curves
+from viz.curves import plot_training_curves
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -17,12 +17,13 @@ from typing import Sequence
 import torch
 
 import utils
-import visualize
-from data_utils import ImageFiles, load_image
+from data_utils import ImageFiles, list_gallery_images, load_image
 from feature_cache import cached_gallery_features, checkpoint_identity, file_list_identity
 from distributed import init_distributed
 from precision import PRECISIONS, effective_precision
 from training import encode_gallery, load_trained_model
+from viz.examples import QueryExample, word_selection
+from viz.grid import draw_retrieval_grid
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -49,7 +50,7 @@ def main(argv: Sequence[str] | None = None) -> list[tuple[Path, float]]:
     device = init_distributed(args.device).device
     precision = effective_precision(args.precision, device)
     reference = load_image(args.reference)  # fail on a bad reference before encoding a gallery
-    files = visualize.list_gallery_images(args.gallery_dir)
+    files = list_gallery_images(args.gallery_dir)
     trained = load_trained_model(args.checkpoint, device)
 
     gallery = ImageFiles([str(f) for f in files], files, trained.transform)
@@ -74,10 +75,10 @@ def main(argv: Sequence[str] | None = None) -> list[tuple[Path, float]]:
         print(f"{rank:>3}  {score:.4f}  {path}")
 
     if args.grid:
-        words = visualize.word_selection(trained.model, reference_image, [args.text])[0]
-        example = visualize.QueryExample(Path(args.reference), args.text, [p for p, _ in results],
-                                         [s for _, s in results], words=words)
-        grid, _ = visualize.draw_retrieval_grid([example], args.grid, title=f"query: {args.text}")
+        words = word_selection(trained.model, reference_image, [args.text])[0]
+        example = QueryExample(Path(args.reference), args.text, [p for p, _ in results], [s for _, s in results],
+                               words=words)
+        grid, _ = draw_retrieval_grid([example], args.grid, title=f"query: {args.text}")
         logger.info("grid written to %s", grid)
     return results
 

@@ -28,7 +28,6 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm import tqdm
 
 import utils
-import visualize
 from data_utils import CIRRDataset, DataError, FashionIQDataset, SkipBadSamples, SkippedSample, build_transform, collate_batch
 from distributed import (
     DistributedEnv, all_gather_with_grad, any_rank, barrier, cleanup_distributed, init_distributed, unwrap_model, wrap_model,
@@ -39,6 +38,7 @@ from model import (
 )
 from model.ssn_model import check_state_dict
 from precision import PRECISIONS, autocast, effective_precision, grad_scaler
+from viz.report import write_run_report_safely
 
 FIQ_CATEGORIES = ("dress", "shirt", "toptee")
 _logger = logging.getLogger("cir")
@@ -989,7 +989,7 @@ def run_training(args: argparse.Namespace, dataset: str) -> Path:
     }
     utils.atomic_write_json(output_dir / "summary.json", summary)
     # Curves + report.md; a plotting failure is logged as a warning, the checkpoints are already saved.
-    visualize.write_run_report_safely(output_dir, device=str(device))
+    write_run_report_safely(output_dir, device=str(device))
     logger.info("done: best %s %s (epoch %s); checkpoints in %s", args.best_metric, best["value"], best["epoch"],
                 checkpoint_dir)
     return output_dir

@@ -16,7 +16,6 @@ from typing import Sequence
 import torch
 
 import utils
-import visualize
 from distributed import init_distributed
 from model import RETRIEVAL_METHODS
 from precision import PRECISIONS, effective_precision
@@ -25,6 +24,9 @@ from training import (
     FIQ_CATEGORIES, FeatureCallback, RetrievalSet, TrainedModel, evaluate, load_trained_model, preprocessing_settings,
     resolve_dataset_root, retrieval_sets, run_directory,
 )
+from viz.examples import retrieval_examples
+from viz.grid import write_retrieval_examples
+from viz.report import write_run_report_safely
 
 _logger = logging.getLogger("cir.validate")
 
@@ -50,12 +52,12 @@ def build_parser() -> argparse.ArgumentParser:
 def visualizer(trained: TrainedModel, args: argparse.Namespace, output: Path) -> FeatureCallback:
     """Draws a retrieval grid per set from the features the metrics were computed with."""
     def draw(retrieval_set: RetrievalSet, names: list[str], gallery: torch.Tensor, queries: torch.Tensor, meta: dict) -> None:
-        examples = visualize.retrieval_examples(
+        examples = retrieval_examples(
             trained.model, retrieval_set.queries, retrieval_set.gallery, names, queries, gallery, meta, args.visualize,
             exclude_reference=trained.dataset == "cirr",  # as the metrics: CIRR removes the reference, FashionIQ not
         )
         title = f"{retrieval_set.name} val: {Path(args.checkpoint).name} ({trained.train_args.get('clip_model_name', '?')})"
-        png, page = visualize.write_retrieval_examples(examples, output, retrieval_set.name, title)
+        png, page = write_retrieval_examples(examples, output, retrieval_set.name, title)
         _logger.info("retrieval examples: %s, %s", png, page)
 
     return draw
@@ -89,7 +91,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, float]]:
     utils.atomic_write_json(output, {"checkpoint": str(args.checkpoint), "dataset": trained.dataset, "split": "val", "metrics": results})
     logger.info("%s val, %s:\n%s", trained.dataset, args.checkpoint, utils.metrics_table(results))
     logger.info("metrics written to %s", output)
-    report = visualize.write_run_report_safely(run_directory(args.checkpoint), device=str(device), validation_json=output)
+    report = write_run_report_safely(run_directory(args.checkpoint), device=str(device), validation_json=output)
     if report is not None:
         logger.info("run report written to %s", report)
     return results

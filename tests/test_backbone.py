@@ -6,7 +6,6 @@ import pytest
 import torch
 from open_clip.transformer import QuickGELU
 
-import visualize
 from cvsi.pseudo_tokens import placeholder_token_id
 from model import (
     CheckpointMismatchError,
@@ -19,6 +18,7 @@ from model import (
     ssn_model_from_checkpoint,
     text_mask_from_ids,
 )
+from viz.examples import caption_words
 
 EOT = 49407  # CLIP BPE's end-of-text id
 
@@ -212,7 +212,7 @@ def test_users_of_token_ids_keep_exclamation_marks(backbone):
     tokenizer = backbone.tokenizer
     ids = tokenizer(['say "stop!".'])[0]  # start, say, ", stop, ! (id 0), ". , end
     weights = [0.1 * i for i in range(len(ids))]
-    words = visualize.caption_words(tokenizer, ids.tolist(), weights)
+    words = caption_words(tokenizer, ids.tolist(), weights)
     assert words == [("say", pytest.approx(0.1)), ('"', pytest.approx(0.2)), ("stop", pytest.approx(0.3)),
                      ('!".', pytest.approx(0.45))]  # "!" and '".' are the pieces of one word
     assert placeholder_token_id(backbone) == 259  # "$": start and end of text found without id 0

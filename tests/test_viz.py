@@ -17,9 +17,13 @@ import retrieve
 import train_cirr
 import training
 import validate
-import visualize
-from data_utils import DataError, make_synthetic_cirr
-from visualize import GT_COLOUR, FAILURE_COLOUR, QueryExample
+from data_utils import DataError
+from synthetic import make_synthetic_cirr
+from viz import report as viz_report
+from viz.curves import read_epoch_metrics
+from viz.examples import QueryExample, caption_words, retrieval_examples, select_examples, target_ranks
+from viz.grid import GridLayout, draw_retrieval_grid, grid_paths
+from viz.style import FAILURE_COLOUR, GT_COLOUR
 
 CURVES_SIZE = (1200, 450)  # the default figsize (12, 4.5) at 100 dpi
 
@@ -27,7 +31,7 @@ CURVES_SIZE = (1200, 450)  # the default figsize (12, 4.5) at 100 dpi
 @pytest.fixture(scope="session")
 def run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A 2-epoch run of the tiny model on a small synthetic CIRR (a few seconds on CPU)."""
-    root = tmp_path_factory.mktemp("visualize")
+    root = tmp_path_factory.mktemp("viz")
     make_synthetic_cirr(root / "data", num_train=96, num_val=40, num_test=6, image_size=32)
     return train_cirr.main([
         "--data_root", str(root / "data"), "--clip_model_name", "ViT-Tiny-P8-32", "--pretrained", "none",
@@ -52,7 +56,7 @@ def _is_gt(pixel: tuple[int, int, int]) -> bool:
     return tuple(pixel[:3]) == GT_COLOUR
 
 
-def _frame_is_green(image: Image.Image, layout: visualize.GridLayout, row: int, column: int) -> bool:
+def _frame_is_green(image: Image.Image, layout: GridLayout, row: int, column: int) -> bool:
     """All four sides of the frame around a tile are the ground-truth green."""
     x, y = layout.tile_origin(row, column)
     inset, size, mid = layout.frame // 2 + 1, layout.tile, layout.tile // 2
@@ -60,7 +64,7 @@ def _frame_is_green(image: Image.Image, layout: visualize.GridLayout, row: int, 
     return all(_is_gt(image.getpixel(p)) for p in sides)
 
 
-def _check_frames(image: Image.Image, layout: visualize.GridLayout, examples: list[QueryExample]) -> None:
+def _check_frames(image: Image.Image, layout: GridLayout, examples: list[QueryExample]) -> None:
     for row, example in enumerate(examples):
         green = [c for c in range(1, layout.top_k + 1) if _frame_is_green(image, layout, row, c)]
         expected = [] if example.target_position is None else [example.target_position + 1]
@@ -74,18 +78,18 @@ def _check_frames(image: Image.Image, layout: visualize.GridLayout, examples: li
 # ---------------------------------------------------------------------------------------------- pieces
 def test_select_examples_mixes_successes_and_failures() -> None:
     ranks = [1, 5, 1, 30, 2, 1, 1, 9]
-    chosen = visualize.select_examples(ranks, 4)
+    chosen = select_examples(ranks, 4)
     assert len(chosen) == 4 and len(set(chosen)) == 4
     assert sum(ranks[i] == 1 for i in chosen) == 2
-    assert visualize.select_examples([1, 1, 1], 2) == [0, 2]  # no failures: successes fill in
-    assert sorted(visualize.select_examples([3, 4, 1], 5)) == [0, 1, 2]  # fewer queries than asked
+    assert select_examples([1, 1, 1], 2) == [0, 2]  # no failures: successes fill in
+    assert sorted(select_examples([3, 4, 1], 5)) == [0, 1, 2]  # fewer queries than asked
 
 
 def test_target_ranks_follow_the_metric_order() -> None:
     gallery = torch.eye(4)
     gallery[3] = gallery[1]  # a tie with item 1: the lower index wins
     query = torch.tensor([[0.0, 1.0, 0.0, 0.0], [0.0, 1.0, 0.0, 0.0], [1.0, 0.5, 0.0, 0.0]])
-    ranks = visualize.target_ranks(query, gallery, torch.tensor([1, 3, 1]), torch.tensor([-1, -1, 0]))
+    ranks = target_ranks(query, gallery, torch.tensor([1, 3, 1]), torch.tensor([-1, -1, 0]))
     assert ranks.tolist() == [1, 2, 1]  # query 2: the reference (item 0) is excluded
 
 
@@ -96,7 +100,7 @@ def test_caption_words_merge_bpe_pieces() -> None:
     pieces = length - 2 - 3  # BPE pieces of "crimsonish" (cri|mson|ish): start, end and 3 words excluded
     assert pieces > 1
     weights = [0.5] + [0.9, 0.8] + [0.1 * (i + 1) for i in range(pieces)] + [0.3, 0.5] + [0.0] * (len(ids) - length)
-    words = visualize.caption_words(tokenizer, ids.tolist(), weights)
+    words = caption_words(tokenizer, ids.tolist(), weights)
     assert [w for w, _ in words] == ["make", "it", "crimsonish", "blue"]
     assert words[2][1] == pytest.approx(sum(0.1 * (i + 1) for i in range(pieces)) / pieces)
     assert words[3][1] == pytest.approx(0.3)
@@ -109,7 +113,7 @@ def test_grid_frames_the_ground_truth_where_it_is_ranked(tmp_path: Path, run: Pa
     failure = QueryExample(images[0], "remove the square", images[1:11], [0.8] * 10, target=images[3], target_rank=3)
     missed = QueryExample(images[0], "add a red triangle", images[1:11], [0.7] * 10, target=images[20], target_rank=37)
     examples = [success, failure, missed]
-    path, layout = visualize.draw_retrieval_grid(examples, tmp_path / "grid.png", title="hand-made")
+    path, layout = draw_retrieval_grid(examples, tmp_path / "grid.png", title="hand-made")
     with Image.open(path) as image:
         assert image.size == layout.size(3)
         _check_frames(image.convert("RGB"), layout, examples)
@@ -132,8 +136,8 @@ def test_training_writes_curves_and_report(run: Path) -> None:
 
 def test_grid_from_the_run_matches_the_ranking(tmp_path: Path, val_features) -> None:
     trained, val_set, names, gallery, queries, meta = val_features
-    examples = visualize.retrieval_examples(trained.model, val_set.queries, val_set.gallery, names, queries, gallery,
-                                            meta, 8, exclude_reference=True)
+    examples = retrieval_examples(trained.model, val_set.queries, val_set.gallery, names, queries, gallery,
+                                  meta, 8, exclude_reference=True)
     assert len(examples) == 8
     # The printed and framed rank is the rank a dense stable sort gives with the reference removed.
     index = {name: i for i, name in enumerate(names)}
@@ -148,7 +152,7 @@ def test_grid_from_the_run_matches_the_ranking(tmp_path: Path, val_features) -> 
         assert example.retrieved == [path_of(names[i]) for i in order[:10]]
         assert example.words and all(0 <= w <= 1 for _, w in example.words)
         assert " ".join(w for w, _ in example.words) == example.caption.lower()
-    path, layout = visualize.draw_retrieval_grid(examples, tmp_path / "grid.png")
+    path, layout = draw_retrieval_grid(examples, tmp_path / "grid.png")
     with Image.open(path) as image:
         assert image.size == layout.size(len(examples))
         _check_frames(image.convert("RGB"), layout, examples)
@@ -162,12 +166,12 @@ def test_validate_visualize_writes_grid_html_and_report(tmp_path: Path, run: Pat
     # Same numbers as the validation inside training (the features are computed once, not by evaluate).
     best = json.loads((run / "summary.json").read_text())["best_metrics"]
     assert results["ssn"] == pytest.approx(best)
-    png, page = visualize.grid_paths(output, "cirr")
+    png, page = grid_paths(output, "cirr")
     assert png == tmp_path / "val" / "metrics_cirr_grid.png" and page.suffix == ".html"
     with Image.open(png) as image:
-        one_line = visualize.GridLayout().size(4)
+        one_line = GridLayout().size(4)
         # Long captions wrap: every row grows by whole caption lines.
-        assert image.size[0] == one_line[0] and (image.size[1] - one_line[1]) % (4 * visualize.GridLayout.line_height) == 0
+        assert image.size[0] == one_line[0] and (image.size[1] - one_line[1]) % (4 * GridLayout.line_height) == 0
     text = page.read_text()
     captions = json.loads((Path(json.loads((run / "args.json").read_text())["data_root"]) / "cirr_dataset" / "cirr"
                            / "captions" / "cap.rc2.val.json").read_text())
@@ -184,7 +188,7 @@ def test_plot_curves_cli(tmp_path: Path, run: Path) -> None:
     path = plot_curves.main([str(run), "--output", str(tmp_path / "c.png"), "--width", "8", "--height", "3"])
     with Image.open(path) as image:
         assert image.size == (800, 300)
-    per_epoch = visualize.read_epoch_metrics(run / "metrics.jsonl")
+    per_epoch = read_epoch_metrics(run / "metrics.jsonl")
     assert list(per_epoch.index) == [1, 2] and "val/Rs@3" in per_epoch and "train/epoch_loss" in per_epoch
     with pytest.raises(FileNotFoundError, match="nothing.jsonl"):
         plot_curves.main([str(tmp_path / "nothing.jsonl")])
@@ -198,11 +202,11 @@ def test_report_failure_is_a_warning(tmp_path: Path, run: Path, monkeypatch: pyt
     def broken(*args, **kwargs):
         raise RuntimeError("no room for plots")
 
-    monkeypatch.setattr(visualize, "plot_training_curves", broken)
-    logger = logging.getLogger("cir.visualize")
+    monkeypatch.setattr(viz_report, "plot_training_curves", broken)
+    logger = logging.getLogger("cir.viz")
     logger.addHandler(caplog.handler)  # the "cir" logger does not propagate to the root
     try:
-        assert visualize.write_run_report_safely(copy) is None
+        assert viz_report.write_run_report_safely(copy) is None
     finally:
         logger.removeHandler(caplog.handler)
     assert "RuntimeError: no room for plots" in caplog.text
@@ -225,7 +229,7 @@ def test_retrieve_prints_top_k_and_caches(tmp_path: Path, run: Path, monkeypatch
     assert all(Path(line.split()[-1]).is_file() for line in lines)
     assert [s for _, s in first] == sorted((s for _, s in first), reverse=True)
     with Image.open(tmp_path / "query.png") as image:
-        assert image.size == visualize.GridLayout(top_k=5).size(1)
+        assert image.size == GridLayout(top_k=5).size(1)
     assert len(list((tmp_path / "cache").glob("gallery_*.pt"))) == 1
 
     def no_encoding(*args, **kwargs):
