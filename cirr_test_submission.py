@@ -15,7 +15,7 @@ from typing import Sequence
 import utils
 from feature_cache import checkpoint_gallery_encoder
 from distributed import init_distributed
-from precision import PRECISIONS, effective_precision
+from precision import EVAL_PRECISION_HELP, PRECISIONS, effective_precision
 from training import (
     encode_gallery, encode_queries, load_trained_model, preprocessing_settings, resolve_dataset_root, retrieval_sets,
     run_directory,
@@ -31,7 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch_size", type=int, default=64)
     parser.add_argument("--num_workers", type=int, default=0)
     parser.add_argument("--device", default=None)
-    parser.add_argument("--precision", choices=PRECISIONS, default="amp")
+    parser.add_argument("--precision", choices=PRECISIONS, default="fp32", help=EVAL_PRECISION_HELP)
     return parser
 
 

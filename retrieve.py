@@ -20,7 +20,7 @@ import utils
 from data_utils import ImageFiles, list_gallery_images, load_image
 from feature_cache import cached_gallery_features, checkpoint_identity, file_list_identity
 from distributed import init_distributed
-from precision import PRECISIONS, effective_precision
+from precision import EVAL_PRECISION_HELP, PRECISIONS, effective_precision
 from training import encode_gallery, load_trained_model
 from viz.examples import QueryExample, word_selection
 from viz.grid import draw_retrieval_grid
@@ -38,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch_size", type=int, default=64)
     parser.add_argument("--num_workers", type=int, default=0)
     parser.add_argument("--device", default=None)
-    parser.add_argument("--precision", choices=PRECISIONS, default="amp")
+    parser.add_argument("--precision", choices=PRECISIONS, default="fp32", help=EVAL_PRECISION_HELP)
     return parser
 
 

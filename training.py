@@ -37,7 +37,7 @@ from model import (
     ssn_model_from_checkpoint,
 )
 from model.ssn_model import check_state_dict
-from precision import PRECISIONS, autocast, effective_precision, grad_scaler
+from precision import EVAL_PRECISION_HELP, PRECISIONS, autocast, effective_precision, grad_scaler
 from viz.report import write_run_report_safely
 
 FIQ_CATEGORIES = ("dress", "shirt", "toptee")
@@ -275,6 +275,7 @@ class TrainState:
     # Per checkpoint-selection criterion (utils.SELECTION_CRITERIA): {"value", "epoch", "metrics"} of its best validation.
     best_by: dict[str, dict[str, Any]] = field(default_factory=dict)
     nonfinite_steps: int = 0  # consecutive steps with a non-finite loss or gradient
+    amp_overflow_steps: int = 0  # fp16 AMP steps the GradScaler skipped for an overflow (over the run)
     bad_samples: list[dict[str, Any]] = field(default_factory=list)  # samples skipped (--skip_bad_samples)
 
     @classmethod
@@ -287,6 +288,7 @@ class TrainState:
             epoch_loss_sum=checkpoint.get("epoch_loss_sum", 0.0),
             epoch_samples=checkpoint.get("epoch_samples", 0),
             best_by=checkpoint.get("best_by", _legacy_best_by(checkpoint)),
+            amp_overflow_steps=checkpoint.get("amp_overflow_steps", 0),
             bad_samples=list(checkpoint.get("bad_samples", [])),
         )
 
@@ -378,10 +380,14 @@ def _train_step(
 ) -> dict[str, torch.Tensor] | None:
     """One optimisation step; returns the loss terms, or None if the step was skipped as non-finite.
 
-    fp32: a non-finite loss or gradient norm skips the optimiser step.  fp16 AMP: the GradScaler skips
-    steps whose gradients overflowed and lowers its scale; a lowered scale (or a non-finite loss) counts
-    as a skipped step.  ``max_nonfinite_steps`` consecutive skips raise :class:`NonFiniteLossError`;
-    the weights and optimiser state are never updated by a skipped step.
+    fp32 and bf16: a non-finite loss or gradient norm skips the optimiser step and counts as a
+    non-finite step.  fp16 AMP: the GradScaler skips steps whose scaled gradients overflowed and halves
+    its scale; that is how it calibrates the scale (from 2^16, a few skips in a row at the start are
+    normal), so such a step is only counted in ``state.amp_overflow_steps``.  A non-finite loss counts
+    as non-finite, and so does an overflow at a scale of 1 or less, where the gradients themselves are
+    not finite (otherwise the scaler would skip them silently for ever).  ``max_nonfinite_steps``
+    non-finite steps in a row raise :class:`NonFiniteLossError`; skipped steps never update the weights
+    or the optimiser state.
 
     ``model`` may be wrapped in DistributedDataParallel: the features of every rank are gathered (with
     their gradients) so that the contrastive and KL terms see the global batch.
@@ -398,24 +404,25 @@ def _train_step(
     terms = ssn_loss_terms(q_pos, q_neg, target_features, kl_weight=kl_weight)
     loss = terms["loss"]
     scaler.scale(loss).backward()
+    grad_norm = None
     if grad_clip:
         scaler.unscale_(optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
     elif not scaler.is_enabled():
         grad_norm = _gradient_norm(model)  # with AMP the scaler checks the gradients itself
-    else:
-        grad_norm = None
-    finite = bool(torch.isfinite(loss)) and (grad_norm is None or bool(torch.isfinite(grad_norm)))
+    loss_finite = bool(torch.isfinite(loss))
+    overflow = False
     if scaler.is_enabled():
         scale = scaler.get_scale()
         scaler.step(optimizer)  # skipped by the scaler when the unscaled gradients hold inf / NaN
         scaler.update()
-        stepped = finite and scaler.get_scale() >= scale  # the scale only drops after an overflow
+        overflow = scaler.get_scale() < scale  # the scale only drops after an overflow
+        finite = loss_finite and not (overflow and scale <= 1.0)
     else:
+        finite = loss_finite and bool(torch.isfinite(grad_norm))
         if finite:
             optimizer.step()
-        stepped = finite
-    if not stepped:
+    if not finite:
         state.nonfinite_steps += 1
         _logger.warning("non-finite loss or gradient at step %d (loss %s): step skipped (%d in a row)",
                         state.global_step + 1, loss.item(), state.nonfinite_steps)
@@ -425,7 +432,12 @@ def _train_step(
                 f"{state.global_step + 1}; training stopped, the last checkpoint holds the last good state"
             )
         return None
-    state.nonfinite_steps = 0
+    if overflow:  # neither a failure nor an update: the non-finite streak is left as it is
+        state.amp_overflow_steps += 1
+        _logger.info("fp16 gradient overflow at step %d: skipped by the GradScaler, scale lowered to %g",
+                     state.global_step + 1, scaler.get_scale())
+    else:
+        state.nonfinite_steps = 0
     state.epoch_loss_sum += loss.item() * reference.shape[0]
     state.epoch_samples += reference.shape[0]
     return terms
@@ -575,6 +587,7 @@ def checkpoint_state(
         "best_metric": best.get("value", -math.inf),
         "best_metrics": best.get("metrics") or {},
         "best_by": state.best_by,
+        "amp_overflow_steps": state.amp_overflow_steps,
         "bad_samples": list(state.bad_samples),
         "args": utils.public_args(vars(args)),
         "rng": _rng_state(),
@@ -626,7 +639,10 @@ def build_train_parser(dataset: str) -> argparse.ArgumentParser:
     run.add_argument("--output_dir", default=None, help="default: runs/<dataset>_<timestamp>")
     run.add_argument("--seed", type=int, default=0)
     run.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda if available)")
-    run.add_argument("--precision", choices=PRECISIONS, default="amp", help="AMP on CUDA; CPU always runs fp32")
+    run.add_argument("--precision", choices=PRECISIONS, default="amp",
+                     help="training precision: amp (fp16 + GradScaler) on CUDA, amp_bf16 on CUDA and CPU; "
+                          "what does not apply to the device runs fp32 (precision.py)")
+    run.add_argument("--eval_precision", choices=PRECISIONS, default="fp32", help=EVAL_PRECISION_HELP)
     run.add_argument("--overwrite", action="store_true",
                      help="start afresh in an --output_dir that holds a previous run (its checkpoints and logs are deleted)")
     run.add_argument("--resume", default=None,
@@ -820,6 +836,7 @@ def run_training(args: argparse.Namespace, dataset: str) -> Path:
     env: DistributedEnv = init_distributed(args.device)
     device = env.device
     precision = effective_precision(args.precision, device)
+    eval_precision = effective_precision(args.eval_precision, device)
     if args.checkpoint_every < 0:
         raise ValueError(f"--checkpoint_every must be >= 0, got {args.checkpoint_every}")
     if args.validation_frequency < 1:
@@ -897,9 +914,9 @@ def run_training(args: argparse.Namespace, dataset: str) -> Path:
             output_dir, comet_api_key=args.api_key, comet_workspace=args.workspace,
             comet_project=args.project_name, run_args=utils.public_args(vars(args)),
         )
-    logger.info("training %s on %s (%d triplets, %d steps/epoch of %d x %d triplets) on %s, precision %s; outputs in %s",
-                args.clip_model_name, dataset, len(train_set), sampler.steps_per_epoch, env.world_size, args.batch_size,
-                device, precision, output_dir)
+    logger.info("training %s on %s (%d triplets, %d steps/epoch of %d x %d triplets) on %s, precision %s "
+                "(validation %s); outputs in %s", args.clip_model_name, dataset, len(train_set), sampler.steps_per_epoch,
+                env.world_size, args.batch_size, device, precision, eval_precision, output_dir)
 
     def save(path: Path, *same_as_path: Path) -> None:
         """Write the checkpoint to ``path``; ``same_as_path`` become links to (or copies of) it."""
@@ -948,7 +965,8 @@ def run_training(args: argparse.Namespace, dataset: str) -> Path:
                 logger.info("epoch %d/%d: loss %.4f (%.1f s)", state.epoch, args.num_epochs, epoch_loss, time.time() - start)
 
                 if validation_due(state.epoch - 1, args.validation_frequency, args.num_epochs) and env.is_master:
-                    metrics = evaluate(model, val_sets, dataset, device, precision, "ssn", args.eval_batch_size, args.num_workers)
+                    metrics = evaluate(model, val_sets, dataset, device, eval_precision, "ssn", args.eval_batch_size,
+                                       args.num_workers)
                     metrics_logger.log(metrics, step=state.global_step, epoch=state.epoch, prefix="val/")
                     logger.info("validation after epoch %d:\n%s", state.epoch, utils.metrics_table(metrics))
                     improved = state.record_validation(metrics, dataset)
@@ -986,6 +1004,8 @@ def run_training(args: argparse.Namespace, dataset: str) -> Path:
         "best_metrics": best["metrics"],
         "best_by": {criterion: {"value": b["value"], "epoch": b["epoch"]} for criterion, b in state.best_by.items()},
         "epochs": state.epoch, "steps": state.global_step,
+        "precision": precision, "eval_precision": eval_precision,  # what ran, after effective_precision
+        "amp_overflow_steps": state.amp_overflow_steps,
     }
     utils.atomic_write_json(output_dir / "summary.json", summary)
     # Curves + report.md; a plotting failure is logged as a warning, the checkpoints are already saved.

@@ -18,7 +18,7 @@ import torch
 import utils
 from distributed import init_distributed
 from model import RETRIEVAL_METHODS
-from precision import PRECISIONS, effective_precision
+from precision import EVAL_PRECISION_HELP, PRECISIONS, effective_precision
 from feature_cache import checkpoint_gallery_encoder
 from training import (
     FIQ_CATEGORIES, FeatureCallback, RetrievalSet, TrainedModel, evaluate, load_trained_model, preprocessing_settings,
@@ -41,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch_size", type=int, default=64)
     parser.add_argument("--num_workers", type=int, default=0)
     parser.add_argument("--device", default=None)
-    parser.add_argument("--precision", choices=PRECISIONS, default="amp")
+    parser.add_argument("--precision", choices=PRECISIONS, default="fp32", help=EVAL_PRECISION_HELP)
     parser.add_argument("--no_cache", action="store_true",
                         help="re-encode the galleries instead of using <run>/feature_cache (keyed by the checkpoint's content)")
     parser.add_argument("--visualize", type=int, default=0, metavar="K",

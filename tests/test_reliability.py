@@ -301,8 +301,9 @@ def test_single_nan_batch_is_skipped_and_training_continues(data, tmp_path, monk
 
 
 def test_amp_path_lets_grad_scaler_skip_and_stops_after_k(data):
-    """fp16 AMP semantics (exercised with an enabled CPU GradScaler): overflowing steps are skipped by the
-    scaler, which lowers its scale; K in a row stop training; the weights are never touched."""
+    """fp16 AMP semantics (exercised with an enabled CPU GradScaler): a step with a NaN loss is skipped by the
+    scaler, which lowers its scale; K in a row stop training; the weights are never touched.  (Overflows with a
+    finite loss do not count: tests/test_training_semantics.py.)"""
     torch.manual_seed(0)
     model = build_ssn_model("ViT-Tiny-P8-32")
     optimizer = model.configure_optimizers(1e-3, 0.2, "adamw")

@@ -6,19 +6,28 @@ re-statement in ``tests/reference/official_training.py``.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import statistics
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 import torch
 
+import cirr_test_submission
+import retrieve
 import train_cirr
 import training
 import utils
-from data_utils import make_synthetic_cirr
+import validate
+from data_utils import CIRRDataset, build_transform, collate_batch
+from model import build_ssn_model
+from precision import PRECISIONS, effective_precision
+from synthetic import make_synthetic_cirr
+from training import NonFiniteLossError, TrainState, train_one_epoch
 from tests.reference.official_training import official_best_epochs, official_validated_epochs
 
 TINY = ["--clip_model_name", "ViT-Tiny-P8-32", "--pretrained", "none", "--transform", "clip", "--num_workers", "0",
@@ -137,3 +146,106 @@ def test_validation_due_matches_the_official_schedule(num_epochs: int, frequency
     official = official_validated_epochs(num_epochs, frequency)
     # Ours = the official epochs, plus the last epoch when the official schedule skips it.
     assert ours == sorted(set(official) | {num_epochs - 1})
+
+
+# ---------------------------------------------------------------------------------------------- precision
+def test_precision_that_runs_on_each_device():
+    cpu, cuda, mps = torch.device("cpu"), torch.device("cuda"), torch.device("mps")
+    assert [effective_precision(p, cpu) for p in PRECISIONS] == ["fp32", "amp_bf16", "fp32"]  # CPU fp16 is slow
+    assert [effective_precision(p, cuda) for p in PRECISIONS] == list(PRECISIONS)
+    assert [effective_precision(p, mps) for p in PRECISIONS] == ["fp32"] * 3
+    with pytest.raises(ValueError, match="unknown precision 'fp16'"):
+        effective_precision("fp16", cpu)
+
+
+@pytest.mark.parametrize("module", [training, validate, cirr_test_submission, retrieve], ids=lambda m: m.__name__)
+def test_evaluation_defaults_to_fp32_as_the_official(module):
+    if module is training:
+        args = training.build_train_parser("cirr").parse_args(["--data_root", "x"])
+        assert (args.precision, args.eval_precision) == ("amp", "fp32")
+        return
+    required = {"validate": [], "cirr_test_submission": ["--submission_name", "s"],
+                "retrieve": ["--reference", "r", "--text", "t", "--gallery_dir", "g"]}[module.__name__]
+    assert module.build_parser().parse_args(["--checkpoint", "c", *required]).precision == "fp32"
+
+
+@pytest.fixture
+def recorded_autocast(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, torch.dtype | None]]:
+    """training.autocast, recording each use: (precision asked for, CPU autocast dtype in force or None)."""
+    seen: list[tuple[str, torch.dtype | None]] = []
+    real = training.autocast
+
+    @contextlib.contextmanager
+    def recording(precision: str, device: torch.device) -> Iterator[None]:
+        with real(precision, device):
+            seen.append((precision, torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None))
+            yield
+
+    monkeypatch.setattr(training, "autocast", recording)
+    return seen
+
+
+def test_amp_bf16_trains_on_cpu_and_validates_in_fp32(cirr_root: Path, tmp_path: Path, recorded_autocast):
+    run = train_cirr.main(["--data_root", str(cirr_root), *TINY, "--num_epochs", "1", "--precision", "amp_bf16",
+                           "--output_dir", str(tmp_path / "run")])
+    summary = json.loads((run / "summary.json").read_text())
+    steps = summary["steps"]
+    assert steps >= 2 and recorded_autocast[:steps] == [("amp_bf16", torch.bfloat16)] * steps
+    assert len(recorded_autocast) > steps and set(recorded_autocast[steps:]) == {("fp32", None)}  # validation
+    assert math.isfinite(utils.read_metrics_log(run / "metrics.jsonl")["train/epoch_loss"].dropna().iloc[-1])
+    last = utils.load_checkpoint(run / "checkpoints" / "last.pt")
+    assert all(torch.isfinite(v).all() for v in last["model"].values() if v.is_floating_point())
+    assert (summary["precision"], summary["eval_precision"]) == ("amp_bf16", "fp32")
+    report = (run / "report.md").read_text()
+    assert "| precision | amp_bf16 |" in report and "| eval_precision | fp32 |" in report
+
+
+# ---------------------------------------------------------------------------------------------- GradScaler
+def tiny_batches(cirr_root: Path) -> tuple[dict, dict]:
+    """A training batch of 4 triplets and the same batch with NaN reference images (a non-finite loss)."""
+    dataset = CIRRDataset(cirr_root, "train", "relative", build_transform("clip", 32))
+    batch = collate_batch([dataset[i] for i in range(4)])
+    return batch, {**batch, "reference_image": torch.full_like(batch["reference_image"], math.nan)}
+
+
+@contextlib.contextmanager
+def overflowing_gradients(model: torch.nn.Module) -> Iterator[None]:
+    """Backward passes give one parameter inf gradients, with a finite loss: an fp16 overflow as the scaler sees it."""
+    handle = model.head.output_layer.weight.register_hook(lambda grad: torch.full_like(grad, math.inf))
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+@pytest.mark.parametrize("grad_clip", [None, 1.0])
+def test_grad_scaler_overflow_is_not_a_nonfinite_step(cirr_root: Path, grad_clip: float | None):
+    torch.manual_seed(0)
+    model = build_ssn_model("ViT-Tiny-P8-32")
+    optimizer = model.configure_optimizers(1e-3, 0.2, "adamw")
+    scaler = torch.amp.GradScaler("cpu")  # enabled, as for --precision amp
+    batch, nan_batch = tiny_batches(cirr_root)
+    state, cpu = TrainState(), torch.device("cpu")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    scale = scaler.get_scale()
+    with overflowing_gradients(model):
+        train_one_epoch(model, [batch, batch], optimizer, scaler, state, cpu, "fp32", 1.0, grad_clip, 2)
+    assert scaler.get_scale() == scale / 4  # both steps skipped by the scaler, which halved its scale twice
+    assert state.nonfinite_steps == 0 and state.amp_overflow_steps == 2
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    train_one_epoch(model, [nan_batch], optimizer, scaler, state, cpu, "fp32", 1.0, grad_clip, 2)
+    assert state.nonfinite_steps == 1 and state.amp_overflow_steps == 2  # a non-finite loss does count
+
+
+def test_overflow_at_scale_one_counts_as_nonfinite(cirr_root: Path):
+    """At scale <= 1 the scaling cannot have caused the overflow: the gradients themselves are not finite."""
+    torch.manual_seed(0)
+    model = build_ssn_model("ViT-Tiny-P8-32")
+    optimizer = model.configure_optimizers(1e-3, 0.2, "adamw")
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0)
+    batch, _ = tiny_batches(cirr_root)
+    state = TrainState()
+    with overflowing_gradients(model), pytest.raises(NonFiniteLossError, match="2 consecutive"):
+        # scale 2: an overflow the scaler calibrates away; then scale 1 and 0.5: non-finite gradients.
+        train_one_epoch(model, [batch] * 3, optimizer, scaler, state, torch.device("cpu"), "fp32", 1.0, None, 2)
+    assert state.amp_overflow_steps == 1 and scaler.get_scale() == 0.25
