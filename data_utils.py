@@ -238,6 +238,22 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
+class CenterCropFloor:
+    """Centre crop to ``size`` x ``size`` at the offset ``(W - size) // 2``, ``(H - size) // 2``, as
+    transformers' ``CLIPImageProcessor`` crops; torchvision's ``CenterCrop`` rounds the offset to the nearest
+    even integer instead, one pixel further for some odd ``W - size``."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+
+    def __call__(self, image: Image.Image) -> Image.Image:
+        left, top = (image.width - self.size) // 2, (image.height - self.size) // 2
+        return image.crop((left, top, left + self.size, top + self.size))
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(size={self.size})"
+
+
 def build_transform(
     kind: str,
     image_size: int,
@@ -248,23 +264,22 @@ def build_transform(
     """Image preprocessing producing a ``[3, image_size, image_size]`` float tensor.
 
     Args:
-        kind: ``'clip'`` (CLIP's resize + centre crop) or ``'targetpad'`` (pad to
-            ``target_ratio`` first, CLIP4Cir style).
+        kind: ``'clip'`` (the official SSN preprocessing: RGB, bicubic resize of the short side, centre
+            crop) or ``'targetpad'`` (pad to ``target_ratio`` first, CLIP4Cir style).
         image_size: output side length in pixels.
         target_ratio: maximum aspect ratio kept by ``'targetpad'``.
         mean, std: normalisation statistics (CLIP's by default).
     """
-    clip_steps = [
-        tv_transforms.Resize(image_size, interpolation=InterpolationMode.BICUBIC),
-        tv_transforms.CenterCrop(image_size),
-        _to_rgb,
-        tv_transforms.ToTensor(),
-        tv_transforms.Normalize(mean=mean, std=std),
-    ]
+    resize = tv_transforms.Resize(image_size, interpolation=InterpolationMode.BICUBIC)
+    to_tensor = [tv_transforms.ToTensor(), tv_transforms.Normalize(mean=mean, std=std)]
     if kind == "clip":
-        return tv_transforms.Compose(clip_steps)
+        # transformers' CLIPImageProcessor as the official code ran it (4.26.1): PIL's RGB conversion first
+        # (alpha dropped), PIL's bicubic resize, centre crop at the floored offset (tests/test_preprocessing.py).
+        return tv_transforms.Compose([_to_rgb, resize, CenterCropFloor(image_size), *to_tensor])
     if kind == "targetpad":
-        return tv_transforms.Compose([TargetPad(target_ratio), *clip_steps])
+        # CLIP4Cir's order: pad, resize, torchvision's centre crop, then RGB.
+        return tv_transforms.Compose([TargetPad(target_ratio), resize, tv_transforms.CenterCrop(image_size), _to_rgb,
+                                      *to_tensor])
     raise ValueError(f"unknown transform kind {kind!r}; expected 'clip' or 'targetpad'")
 
 
