@@ -26,7 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("official", help="the official checkpoint ({'epoch': e, 'Model': state_dict})")
     parser.add_argument("--clip_config", default=None,
                         help="the Hugging Face CLIP config.json (or its directory) the model was trained from; "
-                             "default: derived from the weights (OpenAI ViT-B/32, B/16, L/14 only)")
+                             "None derives it from the weights (OpenAI ViT-B/32, B/16, L/14 only)")
     parser.add_argument("--output", required=True, help="the project checkpoint to write")
     parser.add_argument("--dataset", required=True, choices=("cirr", "fashioniq"), help="the dataset it was trained on")
     parser.add_argument("--data_root", default=None, help="recorded as the dataset location for validate.py")

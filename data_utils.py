@@ -39,6 +39,7 @@ __all__ = [
     "read_json",
     "TargetPad",
     "build_transform",
+    "TRANSFORM_REVISION",
     "ImageFiles",
     "IMAGE_EXTENSIONS",
     "list_gallery_images",
@@ -232,6 +233,11 @@ class TargetPad:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(target_ratio={self.target_ratio})"
+
+
+# Bumped whenever build_transform's output changes, so that cached features are recomputed
+# (2: 'clip' follows CLIPImageProcessor exactly: RGB first, floored centre-crop offset).
+TRANSFORM_REVISION = 2
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:

@@ -21,7 +21,7 @@ from data_utils import ImageFiles, list_gallery_images, load_image
 from feature_cache import cached_gallery_features, checkpoint_identity, file_list_identity
 from distributed import init_distributed
 from precision import EVAL_PRECISION_HELP, PRECISIONS, effective_precision
-from training import encode_gallery, load_trained_model
+from training import encode_gallery, load_trained_model, preprocessing_settings
 from viz.examples import QueryExample, word_selection
 from viz.grid import draw_retrieval_grid
 
@@ -58,7 +58,7 @@ def main(argv: Sequence[str] | None = None) -> list[tuple[Path, float]]:
         args.cache_dir, checkpoint_identity(args.checkpoint), str(Path(args.gallery_dir).resolve()),
         [str(f) for f in files], "ssn",
         lambda: encode_gallery(trained.model, gallery, device, precision, "ssn", args.batch_size, args.num_workers),
-        extra={"files": file_list_identity(files), "precision": precision},
+        extra={"files": file_list_identity(files), **preprocessing_settings(trained, precision)},
     )
 
     reference_image = trained.transform(reference)[None].to(device)

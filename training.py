@@ -28,7 +28,10 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm import tqdm
 
 import utils
-from data_utils import CIRRDataset, DataError, FashionIQDataset, SkipBadSamples, SkippedSample, build_transform, collate_batch
+from data_utils import (
+    TRANSFORM_REVISION, CIRRDataset, DataError, FashionIQDataset, SkipBadSamples, SkippedSample, build_transform,
+    collate_batch,
+)
 from distributed import (
     DistributedEnv, all_gather_with_grad, any_rank, barrier, cleanup_distributed, init_distributed, unwrap_model, wrap_model,
 )
@@ -617,7 +620,9 @@ def build_train_parser(dataset: str) -> argparse.ArgumentParser:
     mdl.add_argument("--model", default="ssn", choices=("ssn",))
     mdl.add_argument("--clip_model_name", default="ViT-B-32", help="open_clip model name (e.g. ViT-B-32, ViT-L-14, ViT-Tiny-P8-32)")
     mdl.add_argument("--pretrained", default="openai", help="open_clip pretrained tag or a local checkpoint file; 'none' for random weights. The activation follows the tag "
-                     "(QuickGELU for openai); for a local file of OpenAI-style weights use a -quickgelu --clip_model_name")
+                     "(QuickGELU for openai); for a local file of OpenAI-style weights use a -quickgelu --clip_model_name. "
+                     "Also a Hugging Face CLIP directory (config.json + weights; its config gives the architecture), or a "
+                     "checkpoint of this project (e.g. from convert_official_checkpoint.py) to fine-tune its backbone and head")
     mdl.add_argument("--nhead", type=int, default=8, help="attention heads of the fusion layer")
     mdl.add_argument("--projection_dim", type=int, default=None, help="official flag; must equal the backbone's text width if given")
     mdl.add_argument("--hidden_dim", type=int, default=None, help="official flag; must equal the backbone's text width if given")
@@ -677,6 +682,35 @@ def build_train_parser(dataset: str) -> argparse.ArgumentParser:
     comet.add_argument("--workspace", default=None)
     comet.add_argument("--project_name", default="ssn")
     return parser
+
+
+def _project_checkpoint(pretrained: str | None) -> dict[str, Any] | None:
+    """The checkpoint a ``--pretrained`` file holds when this project wrote it; None for anything else (an
+    open_clip weights file, whose errors open_clip reports)."""
+    if not pretrained or not Path(pretrained).is_file():
+        return None
+    try:
+        checkpoint = utils.load_checkpoint(pretrained)
+    except utils.CheckpointError:
+        return None
+    return checkpoint if "model_config" in checkpoint and "model" in checkpoint else None
+
+
+def initial_model(args: argparse.Namespace, pretrained: str | None, device: torch.device) -> SSNModel:
+    """The model a run starts from: ``--clip_model_name`` with ``--pretrained`` weights (tag, file or Hugging
+    Face directory) and a fresh head; or, when ``--pretrained`` is a checkpoint of this project (a run's
+    ``best.pt``, a ``convert_official_checkpoint.py`` output), its backbone and head, fine-tuned with a fresh
+    optimiser, schedule and epoch count (``--resume`` continues a run instead)."""
+    checkpoint = _project_checkpoint(pretrained)
+    if checkpoint is None:
+        return build_ssn_model(args.clip_model_name, pretrained=pretrained, nhead=args.nhead, device=device)
+    if checkpoint["model_config"].get("nhead") != args.nhead:
+        raise ValueError(f"--nhead {args.nhead} differs from the {checkpoint['model_config'].get('nhead')} heads of "
+                         f"--pretrained {pretrained}")
+    model = ssn_model_from_checkpoint(checkpoint, device=device, source=str(pretrained))
+    _logger.info("starting from %s: backbone %s and head from the checkpoint (--clip_model_name not used)",
+                 pretrained, model.backbone.model_name)
+    return model
 
 
 def check_official_dims(args: argparse.Namespace, model: SSNModel) -> None:
@@ -864,7 +898,7 @@ def run_training(args: argparse.Namespace, dataset: str) -> Path:
 
     root = resolve_dataset_root(args.data_root, dataset)
     pretrained = parse_pretrained(args.pretrained)
-    model = build_ssn_model(args.clip_model_name, pretrained=pretrained, nhead=args.nhead, device=device)
+    model = initial_model(args, pretrained, device)
     check_official_dims(args, model)
     if args.grad_checkpointing:
         model.backbone.set_grad_checkpointing(True)
@@ -1046,6 +1080,7 @@ def preprocessing_settings(trained: TrainedModel, precision: str) -> dict[str, s
     """What, besides the weights, changes a trained model's gallery features (feature cache keys)."""
     args = trained.train_args
     return {"precision": precision, "transform": str(args.get("transform", "clip")),
+            "transform_revision": str(TRANSFORM_REVISION),
             "target_ratio": str(args.get("target_ratio", 1.25)), "image_size": str(trained.model.backbone.image_size)}
 
 

@@ -14,8 +14,9 @@ import sys
 from typing import Any, Sequence
 
 import utils
-from cvsi.fusion import COMPONENTS, GROUPS, PRESETS
+from cvsi.fusion import COMPONENTS, GROUPS, PRESETS, SCORINGS
 from cvsi.pipeline import run
+from cvsi.presets import PRESETS as OPTION_PRESETS
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -26,6 +27,9 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--data_root", required=True, help="the dataset folder or its parent")
     data.add_argument("--transform", choices=("clip", "targetpad"), default="targetpad",
                       help="image preprocessing (the CVSI release uses targetpad)")
+    data.add_argument("--preset", choices=sorted(OPTION_PRESETS), default="paper",
+                      help="defaults for the options where the paper and the released code differ (captioning, "
+                           "LLM step, failures, scoring; see docs/cvsi.md); options given explicitly win")
 
     model = parser.add_argument_group("CLIP and Φ")
     model.add_argument("--clip_model_name", default="ViT-B-32", help="any open_clip ViT model name")
@@ -40,15 +44,21 @@ def build_parser() -> argparse.ArgumentParser:
                         help="components to leave out (weight 0); 'visual' = q_f q_v t_v, 'semantic' = q_m t_c")
     fusion.add_argument("--ablations", action="store_true",
                         help="also score every row of the paper's ablation table (val only; features are shared)")
+    fusion.add_argument("--scoring", choices=SCORINGS, default=None,
+                        help="'paper': cosine similarity of q and t (Eq. 10); 'release': dot product with the fused "
+                             "t unnormalised, t_c re-normalised on FashionIQ (preset paper / release)")
 
     captions = parser.add_argument_group("captions")
     captions.add_argument("--captions_file", nargs="+", default=[],
                           help="precomputed captions (CVSI release layout, JSON); images not listed are captioned")
     captions.add_argument("--captioner", default=None, help="BLIP-2 checkpoint name or local path, e.g. Salesforce/blip2-opt-6.7b-coco")
     captions.add_argument("--num_captions", type=int, default=None, help="N captions per image (captioner default 15; caps imported lists)")
-    captions.add_argument("--top_p", type=float, default=0.9)
+    captions.add_argument("--top_p", type=float, default=None, help="nucleus sampling threshold (both presets 0.9)")
+    captions.add_argument("--caption_beams", type=int, default=None,
+                          help="beams to sample within; 1 = plain nucleus sampling (preset paper 1, release 15)")
     captions.add_argument("--caption_max_tokens", type=int, default=30)
-    captions.add_argument("--caption_prompt", default="", help="text the captioner continues, e.g. 'a photo of'")
+    captions.add_argument("--caption_prompt", default=None,
+                          help="text the captioner continues (preset paper '', release 'a photo of')")
     captions.add_argument("--caption_batch_size", type=int, default=8)
     captions.add_argument("--captioner_fp16", action="store_true")
 
@@ -61,14 +71,25 @@ def build_parser() -> argparse.ArgumentParser:
     llm.add_argument("--llm_timeout", type=float, default=60.0)
     llm.add_argument("--llm_retries", type=int, default=6)
     llm.add_argument("--llm_backoff", type=float, default=1.0, help="first retry delay in seconds, doubled per retry")
-    llm.add_argument("--llm_max_tokens", type=int, default=256)
-    llm.add_argument("--caption_context", choices=("each", "joined"), default="each",
-                     help="'each': one modified caption per reference caption, objects from C_1 (the paper); "
-                          "'joined': one prompt on all captions joined (the released code)")
-    llm.add_argument("--modify_prompt_file", default=None, help="replace the p_m template (text file)")
-    llm.add_argument("--objects_prompt_file", default=None, help="replace the p_a template (text file)")
-    llm.add_argument("--allow_llm_failures", action="store_true",
-                     help="score even if some answers failed (their parts left out); default: stop after listing them")
+    llm.add_argument("--llm_max_tokens", type=int, default=None, help="answer length limit (preset paper 256, release 700)")
+    llm.add_argument("--llm_stop", nargs="*", default=None,
+                     help="stop sequences (preset paper none, release a blank line and <|endoftext|>)")
+    llm.add_argument("--llm_answer", choices=("parsed", "raw"), default=None,
+                     help="'parsed': the line after the answer marker, cleaned; 'raw': the whole answer stripped "
+                          "(preset paper parsed, release raw)")
+    llm.add_argument("--caption_context", choices=("each", "joined"), default=None,
+                     help="'each': one modified caption per reference caption, objects from C_1 (preset paper); "
+                          "'joined': one prompt on all captions joined (preset release)")
+    llm.add_argument("--modify_prompt_file", nargs="+", default=[], metavar="[DATASET=]PATH[:NAME]",
+                     help="p_m template: a text file, or a Python file of string constants (e.g. the release's "
+                          "utils/prompt_templates.py; NAME defaults to the release's choice for the dataset); "
+                          "DATASET= limits an entry to one dataset. Default: this project's wording")
+    llm.add_argument("--objects_prompt_file", nargs="+", default=[], metavar="[DATASET=]PATH[:NAME]",
+                     help="p_a template, as --modify_prompt_file")
+    llm.add_argument("--on_llm_failure", choices=("strict", "leave_out", "release_fallback"), default=None,
+                     help="answers still failing after the retries: 'strict' stops after listing them (preset paper); "
+                          "'leave_out' scores without the failed parts; 'release_fallback' uses the reference "
+                          "captions for failed modified captions and no objects (preset release)")
 
     run_group = parser.add_argument_group("run")
     run_group.add_argument("--cache_dir", default="cvsi_cache")

@@ -13,6 +13,7 @@ LLM are combined into query and gallery features:
 Modules: :mod:`cvsi.phi` (Φ), :mod:`cvsi.pseudo_tokens` (text encoding with the pseudo word),
 :mod:`cvsi.fusion` (the two weighted sums), :mod:`cvsi.cache` (resumable disk caches),
 :mod:`cvsi.captioner` (BLIP-2), :mod:`cvsi.llm` (chat-completions client), :mod:`cvsi.prompts` (LLM prompts),
-:mod:`cvsi.imports` (precomputed caption / answer files), :mod:`cvsi.pipeline` (the whole method),
+:mod:`cvsi.imports` (precomputed caption / answer files), :mod:`cvsi.presets` (paper / release option
+presets), :mod:`cvsi.pipeline` (the whole method),
 :mod:`cvsi.loopback` (a local chat-completions server) and :mod:`cvsi.demo` (synthetic end-to-end demo).
 """

@@ -2,7 +2,10 @@
 
 CVSI (following LDRE) captions every reference and gallery image N = 15 times with nucleus sampling
 (top-p 0.9) using BLIP-2 OPT-6.7b fine-tuned for COCO captioning (``Salesforce/blip2-opt-6.7b-coco``);
-any BLIP-2 checkpoint name or local directory with a processor works.
+any BLIP-2 checkpoint name or local directory with a processor works. The released code samples within
+15 beams (``num_beams=15``: each beam step draws its candidates by nucleus sampling, and the N captions
+are the N final beams) and lets the language model continue the prompt "a photo of", the prompt the
+COCO captioning checkpoint was fine-tuned with; ``num_beams`` and ``prompt`` reproduce that.
 """
 from __future__ import annotations
 
@@ -29,8 +32,10 @@ class Blip2Captioner:
             and its processor (``save_pretrained`` output).
         num_captions: N captions per image.
         top_p: nucleus sampling threshold.
+        num_beams: 1 for plain nucleus sampling; B > 1 samples within B beams (``num_captions <= B``).
         max_new_tokens: caption length limit.
-        prompt: optional text the language model continues (e.g. "a photo of"); not part of the caption.
+        prompt: optional text the language model continues (the release: "a photo of"); not part of
+            the caption.
         seed: base seed; a batch's sampling seed is derived from it and the batch's image keys, so the
             same images give the same captions whatever else ran before.
         device, dtype: where and in which precision the model runs (fp16 halves the memory on GPU).
@@ -41,6 +46,7 @@ class Blip2Captioner:
         model_name_or_path: str,
         num_captions: int = 15,
         top_p: float = 0.9,
+        num_beams: int = 1,
         max_new_tokens: int = 30,
         prompt: str = "",
         seed: int = 0,
@@ -51,10 +57,12 @@ class Blip2Captioner:
             from transformers import Blip2ForConditionalGeneration, Blip2Processor
         except ImportError as exc:
             raise ImportError("the BLIP-2 captioner needs transformers: pip install -r requirement.txt") from exc
-        if num_captions < 1:
-            raise ValueError(f"num_captions must be >= 1, got {num_captions}")
+        if num_captions < 1 or num_beams < 1:
+            raise ValueError(f"num_captions and num_beams must be >= 1, got {num_captions} and {num_beams}")
+        if num_beams > 1 and num_captions > num_beams:
+            raise ValueError(f"beam sampling returns at most num_beams={num_beams} captions, asked for {num_captions}")
         self.model_name_or_path = model_name_or_path
-        self.num_captions, self.top_p, self.max_new_tokens = num_captions, top_p, max_new_tokens
+        self.num_captions, self.top_p, self.num_beams, self.max_new_tokens = num_captions, top_p, num_beams, max_new_tokens
         self.prompt, self.seed, self.device = prompt, seed, torch.device(device)
         self.processor = Blip2Processor.from_pretrained(model_name_or_path)
         self.model = Blip2ForConditionalGeneration.from_pretrained(model_name_or_path, dtype=dtype)
@@ -64,7 +72,7 @@ class Blip2Captioner:
     def identity(self) -> dict[str, Any]:
         """Everything that determines the captions (cache identity)."""
         return {"captioner": self.model_name_or_path, "num_captions": self.num_captions, "top_p": self.top_p,
-                "max_new_tokens": self.max_new_tokens, "prompt": self.prompt, "seed": self.seed,
+                "num_beams": self.num_beams, "max_new_tokens": self.max_new_tokens, "prompt": self.prompt, "seed": self.seed,
                 "dtype": str(self.dtype)}
 
     @torch.no_grad()
@@ -78,7 +86,7 @@ class Blip2Captioner:
         torch.manual_seed(seed)
         output = self.model.generate(
             pixel_values=pixel_values, input_ids=input_ids, attention_mask=attention_mask,
-            do_sample=True, top_p=self.top_p, num_return_sequences=self.num_captions,
+            do_sample=True, top_p=self.top_p, num_beams=self.num_beams, num_return_sequences=self.num_captions,
             max_new_tokens=self.max_new_tokens, min_new_tokens=1,
         )  # [B * N, L]
         output = self._strip_prompt(output, input_ids, len(images))

@@ -2,19 +2,34 @@
 
 ``q = α q_m + β q_f + (1−α−β) q_v`` and ``t = γ t_c + (1−γ) t_v``, compared by cosine similarity.
 Components are the L2-normalised CLIP features (``q_m`` and ``t_c`` are means of normalised caption
-features, as in Eqs. 5 and 7). Dropping a component (the paper's ablations) sets its weight to 0;
-cosine similarity makes the remaining weights' scale irrelevant.
+features, as in Eqs. 5 and 7, not normalised again). Dropping a component (the paper's ablations) sets
+its weight to 0; cosine similarity makes the remaining weights' scale irrelevant.
+
+Two scorings (:data:`SCORINGS`):
+
+* ``paper`` — Eq. 10: ``s(q, t) = q·t / (‖q‖ ‖t‖)``.
+* ``release`` — the released code: ``s(q, t) = q·t`` with the fused ``t`` not normalised, and on
+  FashionIQ ``t_c`` re-normalised to unit length before Eq. 9. (A query's scale does not change its
+  ranking, so normalising ``q`` or not is the same ranking.)
+
+With unit ``t_v`` and a ``t_c`` of norm < 1 (a mean of unit vectors), ``‖t‖`` differs between gallery
+images, so the two scorings rank differently.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
 from typing import Iterable
 
+import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["FusionWeights", "PRESETS", "COMPONENTS", "GROUPS", "ABLATIONS", "fuse_query", "fuse_target"]
+__all__ = [
+    "FusionWeights", "PRESETS", "COMPONENTS", "GROUPS", "ABLATIONS", "SCORINGS", "fuse_query", "fuse_target",
+    "scored_t_c", "ranking_features",
+]
 
 COMPONENTS = ("q_m", "q_f", "q_v", "t_c", "t_v")
+SCORINGS = ("paper", "release")
 # Decimal places the visual weights 1−α−β and 1−γ are rounded to (see FusionWeights.query).
 _DIGITS = 9
 # The paper's "visual" / "semantic information extraction" components (Table III rows 1 and 2).
@@ -104,3 +119,23 @@ def fuse_query(weights: FusionWeights, q_m: Tensor | None, q_f: Tensor | None, q
 def fuse_target(weights: FusionWeights, t_c: Tensor | None, t_v: Tensor | None) -> Tensor:
     """t [G, D] = γ t_c + (1−γ) t_v (Eq. 9); each input [G, D], None if not computed."""
     return _weighted_sum(weights.target(), {"t_c": t_c, "t_v": t_v})
+
+
+def scored_t_c(t_c: Tensor, scoring: str, dataset: str) -> Tensor:
+    """``t_c`` [G, D] as it enters Eq. 9: as computed (a mean of unit vectors) under 'paper'; under
+    'release', re-normalised to unit length on FashionIQ only (as the released code does)."""
+    if scoring not in SCORINGS:
+        raise ValueError(f"unknown scoring {scoring!r}; expected one of {SCORINGS}")
+    return F.normalize(t_c, dim=-1) if scoring == "release" and dataset == "fashioniq" else t_c
+
+
+def ranking_features(query: Tensor, target: Tensor, scoring: str) -> tuple[Tensor, Tensor]:
+    """(q [Q, D], t [G, D]) whose dot product ranks the gallery.
+
+    'paper': both L2-normalised, so ``q·t`` is the cosine similarity of Eq. 10. 'release': ``t`` as
+    fused (its norm varies between gallery images and changes the ranking), ``q`` normalised (which
+    does not change a query's ranking).
+    """
+    if scoring not in SCORINGS:
+        raise ValueError(f"unknown scoring {scoring!r}; expected one of {SCORINGS}")
+    return F.normalize(query, dim=-1), (F.normalize(target, dim=-1) if scoring == "paper" else target)

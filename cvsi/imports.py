@@ -1,9 +1,22 @@
-"""Precomputed captions and LLM answers in the JSON style of the CVSI release.
+"""Precomputed captions and LLM answers in the layouts of the CVSI release.
 
-Captions (the release pickles these dicts; store them as JSON):
+Captions — pickles as the release writes them (read with an unpickler that accepts only plain lists,
+dicts and strings), or the same dicts as JSON:
 
-* gallery side ``{"index_names": [name, ...], "target_captions": [[caption, ...], ...]}``
-* query side ``{"reference_names": [name, ...], "all_captions": [[caption, ...], ...], ...}``
+* gallery role ``{"index_names": [...], "target_captions": [[caption, ...], ...]}``: one caption list per
+  gallery image. The release extends ``index_names`` inside its per-image loop, so for each batch of
+  ``b`` images it holds the batch's ``b`` names ``b`` times (Σ b² names in all) while
+  ``target_captions`` is in the dataset's gallery order. The names are recovered from that pattern;
+  if they cannot be, the caption lists are taken in the gallery order of the split's one gallery with
+  as many images (the release's own reading).
+* reference role ``{"reference_names": [...], "all_captions": [[caption, ...], ...], ...}``: one caption
+  list per *query*, in the dataset's query order (a reference image shared by two queries is captioned
+  twice). A file whose ``reference_names`` equal a query list's references in order gives each query
+  its own captions; otherwise it is read by image name.
+
+The two roles are separate caption sets: an image captioned once as a reference and once as a gallery
+image (as the release does) keeps both. A query's reference captions come from the reference role,
+else from the gallery role's captions of that image (this project's own files caption each image once).
 
 LLM answers, one entry per query in the dataset's query order (the release's ``*_mods_*.json``):
 ``{"instruction": [T, ...], "modified_captions": [[C^M, ...] or C^M, ...], "added_content": [objects, ...]}``
@@ -13,15 +26,24 @@ silently wrong answers.
 """
 from __future__ import annotations
 
+import io
+import logging
 import os
-from dataclasses import dataclass
+import pickle
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 from data_utils import DataError, read_json
 from utils import atomic_write_json
 
-__all__ = ["QueryAnswers", "read_caption_files", "read_answer_files", "match_answers", "write_answer_file"]
+__all__ = ["QueryAnswers", "CaptionSets", "read_caption_sets", "read_answer_files", "match_answers",
+           "write_answer_file"]
+
+_logger = logging.getLogger("cir.cvsi.imports")
+_PICKLE_SUFFIXES = {".pkl", ".pickle", ".p"}
+_GALLERY_KEYS = ("index_names", "target_captions")
+_REFERENCE_KEYS = ("reference_names", "all_captions")
 
 
 @dataclass
@@ -32,38 +54,155 @@ class QueryAnswers:
     added_objects: str | None
 
 
-def _caption_lists(path: Path, names: Any, lists: Any, keys: tuple[str, str]) -> dict[str, list[str]]:
-    if not isinstance(names, list) or not isinstance(lists, list) or len(names) != len(lists):
-        raise DataError(f"{path}: '{keys[0]}' and '{keys[1]}' must be lists of the same length")
-    out = {}
-    for index, (name, captions) in enumerate(zip(names, lists)):
+@dataclass
+class CaptionSets:
+    """Imported captions by role: ``gallery`` and ``references`` by image name, ``per_query`` by query id."""
+
+    gallery: dict[str, list[str]] = field(default_factory=dict)
+    references: dict[str, list[str]] = field(default_factory=dict)
+    per_query: dict[str, list[str]] = field(default_factory=dict)
+
+    def reference(self, query_id: str, name: str) -> list[str] | None:
+        """The captions of a query's reference image: per-query files, then reference files by name, then
+        the gallery role's captions of the image; None if no file has them."""
+        for found in (self.per_query.get(query_id), self.references.get(name), self.gallery.get(name)):
+            if found is not None:
+                return found
+        return None
+
+
+class _PlainUnpickler(pickle.Unpickler):
+    """Unpickles lists, dicts, strings and numbers only: nothing that needs a class (or runs code)."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        raise pickle.UnpicklingError(f"it needs {module}.{name}; only plain lists, dicts and strings are read")
+
+
+def _read_caption_file(path: Path) -> Any:
+    if path.suffix.lower() not in _PICKLE_SUFFIXES:
+        return read_json(path)
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read file ({exc})") from exc
+    try:
+        return _PlainUnpickler(io.BytesIO(data)).load()
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, IndexError, KeyError, AttributeError) as exc:
+        raise DataError(f"{path}: not a readable caption pickle ({exc})") from exc
+
+
+def _caption_lists(path: Path, lists: Any, key: str) -> list[list[str]]:
+    if not isinstance(lists, list):
+        raise DataError(f"{path}: '{key}' must be a list of caption lists")
+    out = []
+    for index, captions in enumerate(lists):
         if isinstance(captions, str):
             captions = [captions]
+        if isinstance(captions, tuple):
+            captions = list(captions)
         if not isinstance(captions, list) or not captions or not all(isinstance(c, str) for c in captions):
-            raise DataError(f"{path}: {keys[1]}[{index}] must be a non-empty list of strings")
-        out[str(name)] = captions
+            raise DataError(f"{path}: {key}[{index}] must be a non-empty list of strings")
+        out.append(captions)
     return out
 
 
-def read_caption_files(paths: Sequence[str | os.PathLike]) -> dict[str, list[str]]:
-    """Image name -> captions, merged over files in either layout.
+def _names(values: Any) -> list[str] | None:
+    return [str(v) for v in values] if isinstance(values, list) and all(isinstance(v, (str, int)) for v in values) \
+        else None
+
+
+def _undo_batch_repeats(names: Sequence[str], count: int) -> list[str] | None:
+    """The ``count`` image names behind the release's ``index_names``, or None if it has another form.
+
+    For each batch of b images the release appended the batch's b names b times, so a block starts with
+    the batch and repeats it; the batch size is where the block's first name comes back (1 if never).
+    """
+    recovered: list[str] = []
+    position = 0
+    while position < len(names):
+        first = names[position]
+        try:
+            size = names.index(first, position + 1) - position
+        except ValueError:
+            size = 1
+        batch = list(names[position:position + size])
+        if list(names[position:position + size * size]) != batch * size:
+            return None
+        recovered += batch
+        position += size * size
+    return recovered if len(recovered) == count and len(set(recovered)) == count else None
+
+
+def _merge(target: dict[str, list[str]], path: Path, name: str, captions: list[str], role: str) -> None:
+    if target.setdefault(name, captions) != captions:
+        raise DataError(f"{path}: image {name} has other {role} captions than in an earlier file")
+
+
+def read_caption_sets(
+    paths: Sequence[str | os.PathLike],
+    galleries: Mapping[str, Sequence[str]],
+    query_lists: Mapping[str, tuple[Sequence[str], Sequence[str]]],
+) -> CaptionSets:
+    """Read caption files of either role (see the module docstring).
+
+    Args:
+        paths: JSON files or release pickles.
+        galleries: per task (e.g. a FashionIQ category), its gallery image names in dataset order.
+        query_lists: per task, (query ids, reference image names) in dataset order.
 
     Raises:
-        DataError: unreadable file, unknown layout, misaligned lists, or two files disagreeing on an image.
+        DataError: unreadable file, unknown layout, misaligned lists, unusable names with no gallery of
+            the same size, or two files of one role disagreeing on an image.
     """
-    captions: dict[str, list[str]] = {}
+    sets = CaptionSets()
     for path in map(Path, paths):
-        data = read_json(path)
-        found = False
-        for keys in (("index_names", "target_captions"), ("reference_names", "all_captions")):
-            if isinstance(data, dict) and keys[0] in data:
-                found = True
-                for name, lists in _caption_lists(path, data[keys[0]], data.get(keys[1]), keys).items():
-                    if captions.setdefault(name, lists) != lists:
-                        raise DataError(f"{path}: image {name} has other captions than in an earlier file")
-        if not found:
-            raise DataError(f"{path}: expected 'index_names' + 'target_captions' or 'reference_names' + 'all_captions'")
-    return captions
+        data = _read_caption_file(path)
+        if isinstance(data, dict) and _GALLERY_KEYS[0] in data:
+            _read_gallery_role(path, data, galleries, sets)
+        elif isinstance(data, dict) and _REFERENCE_KEYS[0] in data:
+            _read_reference_role(path, data, query_lists, sets)
+        else:
+            raise DataError(f"{path}: expected '{_GALLERY_KEYS[0]}' + '{_GALLERY_KEYS[1]}' (gallery captions) or "
+                            f"'{_REFERENCE_KEYS[0]}' + '{_REFERENCE_KEYS[1]}' (reference captions)")
+    return sets
+
+
+def _read_gallery_role(path: Path, data: dict, galleries: Mapping[str, Sequence[str]], sets: CaptionSets) -> None:
+    lists = _caption_lists(path, data.get(_GALLERY_KEYS[1]), _GALLERY_KEYS[1])
+    names = _names(data[_GALLERY_KEYS[0]])
+    if names is not None and len(names) != len(lists):
+        names = _undo_batch_repeats(names, len(lists))
+    if names is None:
+        matching = [task for task, gallery in galleries.items() if len(gallery) == len(lists)]
+        if len(matching) != 1:
+            sizes = ", ".join(f"{task} {len(gallery)}" for task, gallery in galleries.items())
+            raise DataError(f"{path}: '{_GALLERY_KEYS[0]}' does not name its {len(lists)} caption lists, and "
+                            f"{'no' if not matching else 'more than one'} gallery of this split has that many images "
+                            f"({sizes})")
+        names = [str(name) for name in galleries[matching[0]]]
+        _logger.info("%s: image names unusable; caption lists taken in the gallery order of %s", path, matching[0])
+    for name, captions in zip(names, lists):
+        _merge(sets.gallery, path, name, captions, "gallery")
+
+
+def _read_reference_role(path: Path, data: dict, query_lists: Mapping[str, tuple[Sequence[str], Sequence[str]]],
+                         sets: CaptionSets) -> None:
+    lists = _caption_lists(path, data.get(_REFERENCE_KEYS[1]), _REFERENCE_KEYS[1])
+    names = _names(data[_REFERENCE_KEYS[0]])
+    if names is None or len(names) != len(lists):
+        raise DataError(f"{path}: '{_REFERENCE_KEYS[0]}' and '{_REFERENCE_KEYS[1]}' must be lists of the same length")
+    for ids, references in query_lists.values():
+        if [str(r) for r in references] == names:
+            for query_id, captions in zip(ids, lists):
+                _merge(sets.per_query, path, str(query_id), captions, "reference")
+            return
+    by_name: dict[str, list[str]] = {}
+    for name, captions in zip(names, lists):
+        if by_name.setdefault(name, captions) != captions:
+            raise DataError(f"{path}: image {name} is listed twice with other captions, and the file does not "
+                            "follow the query order of this split (a per-query file must list every query in order)")
+    for name, captions in by_name.items():
+        _merge(sets.references, path, name, captions, "reference")
 
 
 @dataclass

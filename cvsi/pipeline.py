@@ -25,13 +25,13 @@ from tqdm import tqdm
 import utils
 from cvsi.cache import JsonCache, TensorCache, fingerprint, module_fingerprint
 from cvsi.captioner import Blip2Captioner, caption_images
-from cvsi.fusion import ABLATIONS, PRESETS, FusionWeights, fuse_query, fuse_target
-from cvsi.imports import QueryAnswers, match_answers, read_answer_files, read_caption_files, write_answer_file
+from cvsi.fusion import ABLATIONS, PRESETS, FusionWeights, fuse_query, fuse_target, ranking_features, scored_t_c
+from cvsi.imports import QueryAnswers, match_answers, read_answer_files, read_caption_sets, write_answer_file
 from cvsi.llm import ChatClient, ChatConfig, LLMError, LLMJob, run_jobs
 from cvsi.phi import Phi, load_phi
+from cvsi.presets import apply_preset
 from cvsi.prompts import (
-    MODIFY_MARKER, MODIFY_PROMPT, OBJECTS_MARKER, OBJECTS_PROMPT, build_messages, parse_added_objects,
-    parse_edited_description,
+    MODIFY_MARKER, MODIFY_PROMPT, OBJECTS_MARKER, OBJECTS_PROMPT, answer_parsers, build_messages, select_template,
 )
 from cvsi.pseudo_tokens import encode_with_pseudo_words, fine_grained_prompt, placeholder_token_id
 from data_utils import (
@@ -179,60 +179,79 @@ def fine_grained_features(
 
 
 # ---------------------------------------------------------------------------------------------- captions, LLM
-def gather_captions(args: argparse.Namespace, tasks: Sequence[Task], names: dict[str, list[str]],
-                    device: torch.device) -> dict[str, list[str]]:
-    """Image key -> captions for the images in ``names`` (task name -> image names): imported files first,
-    BLIP-2 (cached) for the rest."""
-    imported = read_caption_files(args.captions_file) if args.captions_file else {}
-    captions: dict[str, list[str]] = {}
+def gather_captions(args: argparse.Namespace, tasks: Sequence[Task], want_gallery: bool, want_references: bool,
+                    device: torch.device) -> tuple[dict[str, list[str]], dict[str, list[str]]]:
+    """(image key -> gallery captions, query id -> captions of its reference image).
+
+    Imported files first, each role from its own files (:func:`cvsi.imports.read_caption_sets`); BLIP-2
+    (cached, one caption set per image serving both roles) for the rest.
+    """
+    imported = read_caption_sets(args.captions_file, {t.name: t.gallery for t in tasks},
+                                 {t.name: ([q.query_id for q in t.queries], [q.reference for q in t.queries]) for t in tasks})
+    limit = args.num_captions or None
+    gallery: dict[str, list[str]] = {}
+    references: dict[str, list[str]] = {}
     missing: dict[str, Path] = {}
+    waiting: list[tuple[str, str]] = []  # (query id, image key) of references to caption
     for task in tasks:
-        for name in names[task.name]:
+        for name in task.gallery if want_gallery else ():
             key = image_key(task, name)
-            if name in imported:
-                captions[key] = imported[name][:args.num_captions] if args.num_captions else imported[name]
+            if name in imported.gallery:
+                gallery[key] = imported.gallery[name][:limit]
             else:
                 missing[key] = task.image_path(name)
+        for query in task.queries if want_references else ():
+            found = imported.reference(query.query_id, query.reference)
+            if found is not None:
+                references[query.query_id] = found[:limit]
+            else:
+                key = image_key(task, query.reference)
+                missing[key] = task.image_path(query.reference)
+                waiting.append((query.query_id, key))
     if missing:
         if not args.captioner:
             example = ", ".join(list(missing)[:3])
             raise DataError(f"{len(missing)} images have no captions in --captions_file and no --captioner was given "
                             f"(e.g. {example})")
         captioner = Blip2Captioner(args.captioner, num_captions=args.num_captions or 15, top_p=args.top_p,
-                                   max_new_tokens=args.caption_max_tokens, prompt=args.caption_prompt,
+                                   num_beams=args.caption_beams, max_new_tokens=args.caption_max_tokens,
+                                   prompt=args.caption_prompt,
                                    seed=args.seed, device=device,
                                    dtype=torch.float16 if args.captioner_fp16 else torch.float32)
         cache = JsonCache(args.cache_dir, "captions", captioner.identity())
-        captions.update(caption_images(captioner, list(missing), lambda key: load_image(missing[key]), cache,
-                                       args.caption_batch_size))
-    return captions
+        generated = caption_images(captioner, list(missing), lambda key: load_image(missing[key]), cache,
+                                   args.caption_batch_size)
+        gallery.update({key: captions for key, captions in generated.items() if want_gallery and key not in gallery})
+        references.update({query_id: generated[key] for query_id, key in waiting})
+    return gallery, references
 
 
 def _templates(args: argparse.Namespace) -> tuple[str, str]:
-    modify = Path(args.modify_prompt_file).read_text(encoding="utf-8") if args.modify_prompt_file else MODIFY_PROMPT
-    objects = Path(args.objects_prompt_file).read_text(encoding="utf-8") if args.objects_prompt_file else OBJECTS_PROMPT
-    return modify, objects
+    """The dataset's p_m and p_a templates: --modify_prompt_file / --objects_prompt_file entries, else ours."""
+    return (select_template(args.modify_prompt_file, args.dataset, "modify", MODIFY_PROMPT, PRESETS),
+            select_template(args.objects_prompt_file, args.dataset, "objects", OBJECTS_PROMPT, PRESETS))
 
 
 def llm_jobs(queries: Sequence[Query], reference_captions: Sequence[list[str]], mode: str, want_modified: bool,
-             want_objects: bool, templates: tuple[str, str]) -> list[LLMJob]:
+             want_objects: bool, templates: tuple[str, str], answers: str = "parsed") -> list[LLMJob]:
     """The prompts of CVSI (§III-C). ``mode`` 'each' (the paper): one ``p_m`` per reference caption
     ``C_i^B`` and ``p_a`` on ``C_1^B``; 'joined' (the released code): one of each on all captions
-    joined by commas."""
+    joined by commas. ``answers``: 'parsed' or 'raw' (see :func:`cvsi.prompts.answer_parsers`)."""
+    parse = answer_parsers(answers)
     jobs = []
     for query, captions in zip(queries, reference_captions):
         contexts = captions if mode == "each" else [", ".join(captions)]
         if want_modified:
             jobs += [LLMJob(query.query_id, "modified_caption", i,
-                            build_messages(templates[0], context, query.caption, MODIFY_MARKER), parse_edited_description)
+                            build_messages(templates[0], context, query.caption, MODIFY_MARKER), parse["modify"])
                      for i, context in enumerate(contexts)]
         if want_objects:
             jobs.append(LLMJob(query.query_id, "added_objects", 0,
-                               build_messages(templates[1], contexts[0], query.caption, OBJECTS_MARKER), parse_added_objects))
+                               build_messages(templates[1], contexts[0], query.caption, OBJECTS_MARKER), parse["objects"]))
     return jobs
 
 
-def gather_answers(args: argparse.Namespace, tasks: Sequence[Task], captions: dict[str, list[str]],
+def gather_answers(args: argparse.Namespace, tasks: Sequence[Task], reference_captions: dict[str, list[str]],
                    want_modified: bool, want_objects: bool) -> dict[str, QueryAnswers]:
     """Query id -> LLM answers, from --llm_answers_file or the chat-completions server (cached)."""
     if args.llm_answers_file:
@@ -244,25 +263,31 @@ def gather_answers(args: argparse.Namespace, tasks: Sequence[Task], captions: di
         return answers
     config = ChatConfig.from_env(args.llm_base_url, args.llm_model, args.llm_api_key, timeout=args.llm_timeout,
                                  max_retries=args.llm_retries, backoff=args.llm_backoff, concurrency=args.llm_concurrency,
-                                 max_tokens=args.llm_max_tokens)
+                                 max_tokens=args.llm_max_tokens, stop=tuple(args.llm_stop))
     templates = _templates(args)
-    cache = JsonCache(args.cache_dir, "llm_answers", config.identity())
+    # The cache holds parsed answers, so the parser is part of its identity.
+    cache = JsonCache(args.cache_dir, "llm_answers", {**config.identity(), "answers": args.llm_answer})
     client = ChatClient(config)
     answers: dict[str, QueryAnswers] = {}
     failures = []
     for task in tasks:
-        references = [captions[image_key(task, q.reference)] for q in task.queries]
-        jobs = llm_jobs(task.queries, references, args.caption_context, want_modified, want_objects, templates)
+        references = [reference_captions[q.query_id] for q in task.queries]
+        jobs = llm_jobs(task.queries, references, args.caption_context, want_modified, want_objects, templates,
+                        args.llm_answer)
         done, failed = run_jobs(client, jobs, cache, desc=f"LLM {task.name}")
         failures += failed
         for query in task.queries:
             answers[query.query_id] = QueryAnswers([], None)
+        by_query = dict(zip((q.query_id for q in task.queries), references))
         for job in jobs:
-            if job.key not in done:
-                continue
             if job.kind == "modified_caption":
-                answers[job.query_id].modified_captions.append(done[job.key])
-            else:
+                if job.key in done:
+                    answers[job.query_id].modified_captions.append(done[job.key])
+                elif args.on_llm_failure == "release_fallback":  # the release: the reference captions themselves
+                    captions = by_query[job.query_id]
+                    answers[job.query_id].modified_captions += captions if args.caption_context == "joined" \
+                        else [captions[job.index]]
+            elif job.key in done:  # added objects; a failure leaves them out (the release: empty)
                 answers[job.query_id].added_objects = done[job.key]
         write_answer_file(Path(args.output_dir) / f"llm_answers_{task.dataset}_{task.split}_{task.name}.json",
                           [q.query_id for q in task.queries], [q.caption for q in task.queries],
@@ -270,23 +295,25 @@ def gather_answers(args: argparse.Namespace, tasks: Sequence[Task], captions: di
     if failures:
         path = Path(args.output_dir) / f"llm_failures_{tasks[0].dataset}_{tasks[0].split}.json"
         utils.atomic_write_json(path, [vars(f) for f in failures])
-        if not args.allow_llm_failures:
+        if args.on_llm_failure == "strict":
             raise LLMError(f"{len(failures)} LLM answers failed (listed in {path}). Run again to retry only those "
-                           "(the others are cached), or pass --allow_llm_failures to leave the failed parts out")
-        _logger.warning("%d LLM answers failed (%s); their parts are left out of the queries", len(failures), path)
+                           "(the others are cached), or pass --on_llm_failure leave_out / release_fallback")
+        _logger.warning("%d LLM answers failed (%s); %s", len(failures), path,
+                        "their parts are left out of the queries" if args.on_llm_failure == "leave_out"
+                        else "the reference captions stand in for failed modified captions, failed objects are left out")
     return answers
 
 
 # ---------------------------------------------------------------------------------------------- scoring
 def _ranked(query: Tensor, target: Tensor, names: list[str], k: int) -> list[list[str]]:
-    """Top-``k`` gallery names per query; ``query`` and ``target`` are already L2-normalised."""
+    """Top-``k`` gallery names per query by dot product (features from :func:`cvsi.fusion.ranking_features`)."""
     _, top = utils.topk_retrieval(query, target, k)
     return [[names[i] for i in row] for row in top.tolist()]
 
 
-def evaluate(task: Task, query: Tensor, target: Tensor) -> dict[str, float]:
-    """Val metrics of one task with the project's metric code (cosine similarity, Eq. 10)."""
-    q, t = F.normalize(query, dim=-1), F.normalize(target, dim=-1)
+def evaluate(task: Task, query: Tensor, target: Tensor, scoring: str = "paper") -> dict[str, float]:
+    """Val metrics of one task with the project's metric code (``scoring``: see :func:`cvsi.fusion.ranking_features`)."""
+    q, t = ranking_features(query, target, scoring)
     queries = task.queries
     if task.dataset == "circo":
         ranked = _ranked(q, t, task.gallery, SUBMISSION_TOP_K)
@@ -298,10 +325,11 @@ def evaluate(task: Task, query: Tensor, target: Tensor) -> dict[str, float]:
     return utils.fiq_metrics(q, t, task.gallery, [x.target for x in queries])
 
 
-def write_test_outputs(task: Task, query: Tensor, target: Tensor, output_dir: Path, name: str) -> list[Path]:
+def write_test_outputs(task: Task, query: Tensor, target: Tensor, output_dir: Path, name: str,
+                       scoring: str = "paper") -> list[Path]:
     """CIRCO / CIRR test submissions (checked before they are written), FashionIQ top-50 rankings."""
     queries = task.queries
-    q, t = F.normalize(query, dim=-1), F.normalize(target, dim=-1)
+    q, t = ranking_features(query, target, scoring)
     if task.dataset == "circo":
         ranked = _ranked(q, t, task.gallery, SUBMISSION_TOP_K)
         # The strict length check lives here; utils.circo_submission only formats (and checks ids).
@@ -351,6 +379,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         {"metrics": {row: metrics}} on val (FashionIQ rows summarised over categories),
         {"files": [paths]} on test.
     """
+    apply_preset(args)
     utils.set_seed(args.seed)
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -384,10 +413,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                                 {**image_cache.identity, "phi": checkpoint_identity(args.phi_checkpoint)})
 
     want_modified, want_objects = "q_m" in needed, "q_f" in needed
-    caption_names = {t.name: (t.gallery if "t_c" in needed else [])
-                     + ([q.reference for q in t.queries] if want_modified or want_objects else []) for t in tasks}
-    captions = gather_captions(args, tasks, caption_names, device) if any(caption_names.values()) else {}
-    answers = gather_answers(args, tasks, captions, want_modified, want_objects) if want_modified or want_objects else {}
+    want_references = want_modified or want_objects
+    gallery_captions, reference_captions = gather_captions(args, tasks, "t_c" in needed, want_references, device) \
+        if "t_c" in needed or want_references else ({}, {})
+    answers = gather_answers(args, tasks, reference_captions, want_modified, want_objects) if want_references else {}
 
     per_row: dict[str, dict[str, dict[str, float]]] = {row: {} for row in rows}
     files: list[Path] = []
@@ -404,7 +433,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             features["t_v"] = F.normalize(torch.stack([embeds[k] for k in gallery_keys]), dim=-1)
             features["q_v"] = F.normalize(reference_embeds, dim=-1)
         if "t_c" in needed:
-            features["t_c"] = caption_set_features(backbone, [captions[k] for k in gallery_keys], text_cache,
+            features["t_c"] = caption_set_features(backbone, [gallery_captions[k] for k in gallery_keys], text_cache,
                                                    args.batch_size, device)
         if want_modified:
             features["q_m"] = caption_set_features(
@@ -415,11 +444,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                                                     args.batch_size, device)
         for row, weights in rows.items():
             query = fuse_query(weights, features["q_m"], features["q_f"], features["q_v"])
-            target = fuse_target(weights, features["t_c"], features["t_v"])
+            t_c = None if features["t_c"] is None else scored_t_c(features["t_c"], args.scoring, task.dataset)
+            target = fuse_target(weights, t_c, features["t_v"])
             if args.split == "test":
-                files += write_test_outputs(task, query, target, output_dir, args.submission_name)
+                files += write_test_outputs(task, query, target, output_dir, args.submission_name, args.scoring)
             else:
-                per_row[row][task.name] = evaluate(task, query, target)
+                per_row[row][task.name] = evaluate(task, query, target, args.scoring)
 
     if args.split == "test":
         for path in files:

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from cvsi.cache import CacheError, JsonCache, TensorCache, fingerprint
 from cvsi.fusion import ABLATIONS, PRESETS, FusionWeights, fuse_query, fuse_target
-from cvsi.imports import QueryAnswers, match_answers, read_answer_files, read_caption_files, write_answer_file
+from cvsi.imports import QueryAnswers, match_answers, read_answer_files, read_caption_sets, write_answer_file
 from cvsi.llm import ChatClient, ChatConfig, LLMError, LLMJob, MalformedAnswer, run_jobs
 from cvsi.loopback import LoopbackChatServer, Reply, chat_reply
 from cvsi.phi import Phi, PhiCheckpointError, load_phi, save_phi
@@ -173,18 +173,18 @@ def test_synthetic_generators_write_caption_files(tmp_path):
     info = json.loads((circo / "COCO2017_unlabeled/annotations/image_info_unlabeled2017.json").read_text())
     assert data["index_names"] == [str(r["id"]) for r in info["images"]]
     assert all(len(c) == SYNTHETIC_CAPTIONS_PER_IMAGE for c in data["target_captions"])
-    captions = read_caption_files([circo / CAPTIONS_DIR / "unlabeled2017.json"])
+    captions = read_caption_sets([circo / CAPTIONS_DIR / "unlabeled2017.json"], {}, {}).gallery
     assert any("circle" in c or "square" in c or "triangle" in c for c in next(iter(captions.values())))
 
     cirr = make_synthetic_cirr(tmp_path, seed=0, num_train=6, num_val=4, num_test=3, image_size=32)
     for split in ("val", "test1"):
         names = json.loads((cirr / f"cirr/image_splits/split.rc2.{split}.json").read_text())
-        assert set(read_caption_files([cirr / CAPTIONS_DIR / f"{split}.json"])) == set(names)
+        assert set(read_caption_sets([cirr / CAPTIONS_DIR / f"{split}.json"], {}, {}).gallery) == set(names)
     assert not (cirr / CAPTIONS_DIR / "train.json").exists()
     fiq = make_synthetic_fashioniq(tmp_path, seed=0, num_train_per_category=3, num_val_per_category=3,
                                    num_test_per_category=2, image_size=32)
     ids = json.loads((fiq / "image_splits/split.dress.val.json").read_text())
-    dress = read_caption_files([fiq / CAPTIONS_DIR / "dress.val.json"])
+    dress = read_caption_sets([fiq / CAPTIONS_DIR / "dress.val.json"], {}, {}).gallery
     assert set(dress) == set(ids) and all("dress" in c for c in dress[ids[0]])
     # Captions come from their own random stream: deterministic, and a new seed changes them.
     again = make_synthetic_circo(tmp_path / "again", seed=0, num_val=4, num_test=2, gallery_size=30, image_size=32)

@@ -155,7 +155,7 @@ def test_llm_failures_stop_the_run_unless_allowed(circo_setup, tmp_path):
         removing = {q.query_id for q in queries if "remove" in q.caption}
         assert {f["query_id"] for f in failures} == removing and 0 < len(removing) < len(queries)
         requests = server.requests
-        result = zero_shot_cvsi.main(_args(root, phi, tmp_path, *captions, *llm, "--allow_llm_failures"))
+        result = zero_shot_cvsi.main(_args(root, phi, tmp_path, *captions, *llm, "--on_llm_failure", "leave_out"))
         asked_again = {json.dumps(body["messages"]) for body in server.bodies[requests:]}
         assert len(asked_again) == len(failures)  # only the failed prompts are asked again (the rest is cached)
     # Exactly the failed parts (both p_m answers of the removing queries) are left out; the rest is kept.

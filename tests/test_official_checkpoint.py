@@ -5,6 +5,7 @@ Face CLIP (64-wide heads, QuickGELU, vision width 192 != text width 128 = embed 
 """
 from __future__ import annotations
 
+import argparse
 import subprocess
 import sys
 from pathlib import Path
@@ -18,10 +19,12 @@ from transformers import CLIPConfig, CLIPModel, CLIPTextModelWithProjection, CLI
 
 import convert_official_checkpoint
 import retrieve
+import train_cirr
 import training
 import utils
 from model import build_ssn_model, hf_clip, ssn_loss, ssn_model_from_checkpoint
 from model.official import OfficialCheckpointError, official_state_dict, ssn_model_from_official
+from synthetic import make_synthetic_cirr
 from tests.reference.official_ssn import OfficialSSN
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -130,6 +133,37 @@ def test_converted_checkpoint_serves_inference_scripts(official, tmp_path):
                                                   key=lambda n: -float(query @ targets[n].T))
     for found, score in results:
         assert score == pytest.approx(float(query @ targets[found.name].T), abs=1e-5)
+
+
+def test_converted_checkpoint_fine_tunes_without_resume(official, tmp_path):
+    """--pretrained CONVERTED.pt starts a fresh run from its backbone and head (lr 0: they stay as converted)."""
+    _, path, config = official
+    converted = tmp_path / "converted.pt"
+    assert _convert(path, config, converted) == 0
+    data = make_synthetic_cirr(tmp_path / "data", seed=3, num_train=8, num_val=4, num_test=2, image_size=IMAGE)
+    run = train_cirr.main(["--data_root", str(data), "--clip_model_name", "ViT-Tiny-P8-32", "--pretrained", str(converted),
+                           "--num_workers", "0", "--batch_size", "4", "--num_epochs", "1", "--lr", "0",
+                           "--output_dir", str(tmp_path / "run")])
+    start, last = utils.load_checkpoint(converted), utils.load_checkpoint(run / "checkpoints" / "last.pt")
+    assert last["model_config"] == start["model_config"] and last["epoch"] == 1
+    assert all(torch.equal(last["model"][key], value) for key, value in start["model"].items())
+    assert (run / "summary.json").is_file()
+
+
+def test_initial_model_tells_project_checkpoints_from_open_clip_weights(official, tmp_path):
+    _, path, config = official
+    converted = tmp_path / "converted.pt"
+    assert _convert(path, config, converted) == 0
+    weights = tmp_path / "open_clip.pt"
+    torch.save(open_clip.create_model("ViT-Tiny-P8-32").state_dict(), weights)
+    args = argparse.Namespace(clip_model_name="ViT-Tiny-P8-32", nhead=8)
+    from_weights = training.initial_model(args, str(weights), torch.device("cpu"))
+    assert from_weights.backbone.model_name == "ViT-Tiny-P8-32"
+    assert torch.equal(from_weights.backbone.clip.token_embedding.weight, torch.load(weights)["token_embedding.weight"])
+    from_checkpoint = training.initial_model(args, str(converted), torch.device("cpu"))
+    assert from_checkpoint.config() == utils.load_checkpoint(converted)["model_config"]
+    with pytest.raises(ValueError, match="--nhead 4 differs from the 8 heads of --pretrained"):
+        training.initial_model(argparse.Namespace(clip_model_name="ViT-Tiny-P8-32", nhead=4), str(converted), "cpu")
 
 
 def test_hugging_face_directory_as_pretrained_backbone(official, tmp_path):
