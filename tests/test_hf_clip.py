@@ -26,16 +26,17 @@ def _hf_dir(path, hidden_act: str = "quick_gelu", weights: str = "safetensors") 
         for name, param in model.named_parameters():
             if param.ndim >= 2 and "embedding" not in name:
                 param.normal_(0, 1.5 / param.shape[-1] ** 0.5)
-    model.save_pretrained(path)
+    model.save_pretrained(path, **({"max_shard_size": "2MB"} if weights == "sharded" else {}))
     if weights == "bin":
         (path / "model.safetensors").unlink()
         torch.save(model.state_dict(), path / "pytorch_model.bin")
     return model
 
 
-@pytest.mark.parametrize("hidden_act, weights", [("quick_gelu", "safetensors"), ("gelu", "bin")])
+@pytest.mark.parametrize("hidden_act, weights", [("quick_gelu", "safetensors"), ("gelu", "bin"), ("quick_gelu", "sharded")])
 def test_hugging_face_directory_gives_transformers_features(tmp_path, hidden_act, weights):
     hf = _hf_dir(tmp_path, hidden_act, weights)
+    assert (tmp_path / "model.safetensors.index.json").is_file() == (weights == "sharded")
     backbone = create_backbone("any-label", pretrained=str(tmp_path)).eval()
     assert backbone.model_name.startswith(hf_clip.NAME_PREFIX)
     assert backbone.quick_gelu is (hidden_act == "quick_gelu")
