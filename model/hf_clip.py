@@ -4,25 +4,22 @@ The official SSN code builds its backbone from Hugging Face ``transformers`` CLI
 (``CLIPTextModelWithProjection`` / ``CLIPVisionModelWithProjection``); this project runs open_clip.  The
 two implement the same network (pre-norm ViT blocks, causal text attention pooled at the end-of-text
 token, bias-free projections), so a Hugging Face ``CLIPConfig`` maps to an open_clip model config and
-Hugging Face weights map to an open_clip state dict, tensor for tensor:
+Hugging Face weights map to an open_clip state dict, tensor for tensor.
 
-============================================  ==========================================
-Hugging Face (``text_model.`` / ``vision_model.``)  open_clip (text at top level / ``visual.``)
-============================================  ==========================================
-``embeddings.token_embedding.weight``         ``token_embedding.weight``
-``embeddings.position_embedding.weight``      ``positional_embedding`` (text), ``visual.positional_embedding``
-``embeddings.class_embedding``                ``visual.class_embedding``
-``embeddings.patch_embedding.weight``         ``visual.conv1.weight``
-``pre_layrnorm`` / ``post_layernorm``         ``visual.ln_pre`` / ``visual.ln_post``
-``final_layer_norm``                          ``ln_final``
-``encoder.layers.i.layer_norm1`` / ``2``      ``transformer.resblocks.i.ln_1`` / ``ln_2``
-``encoder.layers.i.self_attn.{q,k,v}_proj``   ``...attn.in_proj_weight`` / ``in_proj_bias`` (q, k, v stacked)
-``encoder.layers.i.self_attn.out_proj``       ``...attn.out_proj``
-``encoder.layers.i.mlp.fc1`` / ``fc2``        ``...mlp.c_fc`` / ``mlp.c_proj``
-``text_projection.weight`` [D, w]             ``text_projection`` [w, D] (transposed)
-``visual_projection.weight`` [D, w]           ``visual.proj`` [w, D] (transposed)
-``logit_scale``                               ``logit_scale`` (both store log s)
-============================================  ==========================================
+Hugging Face (``text_model.`` / ``vision_model.``)  ->  open_clip (text at top level / ``visual.``):
+
+* ``embeddings.token_embedding.weight`` -> ``token_embedding.weight``
+* ``embeddings.position_embedding.weight`` -> ``positional_embedding`` / ``visual.positional_embedding``
+* ``embeddings.class_embedding`` -> ``visual.class_embedding``
+* ``embeddings.patch_embedding.weight`` -> ``visual.conv1.weight``
+* ``pre_layrnorm`` / ``post_layernorm`` -> ``visual.ln_pre`` / ``visual.ln_post``; ``final_layer_norm`` -> ``ln_final``
+* ``encoder.layers.i.layer_norm1`` / ``layer_norm2`` -> ``transformer.resblocks.i.ln_1`` / ``ln_2``
+* ``encoder.layers.i.self_attn.{q,k,v}_proj`` -> ``...attn.in_proj_weight`` / ``in_proj_bias`` (q, k, v stacked)
+* ``encoder.layers.i.self_attn.out_proj`` -> ``...attn.out_proj``
+* ``encoder.layers.i.mlp.fc1`` / ``fc2`` -> ``...mlp.c_fc`` / ``mlp.c_proj``
+* ``text_projection.weight`` [D, w] -> ``text_projection`` [w, D]; ``visual_projection.weight`` [D, w] ->
+  ``visual.proj`` [w, D] (transposed: Hugging Face keeps bias-free ``nn.Linear`` layers, open_clip matrices)
+* ``logit_scale`` -> ``logit_scale`` (both store log s)
 
 The official SSN checkpoint nests the towers as ``clip_text_model.`` and ``clip_vision_model.``; those
 prefixes are removed first.  ``hidden_act`` ``quick_gelu`` (``x·σ(1.702x)``, OpenAI's) becomes
