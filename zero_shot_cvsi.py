@@ -50,7 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     captions = parser.add_argument_group("captions")
     captions.add_argument("--captions_file", nargs="+", default=[],
-                          help="precomputed captions (CVSI release layout, JSON); images not listed are captioned")
+                          help="precomputed captions: the CVSI release's pickles or the same dicts as JSON, gallery "
+                               "and reference roles kept apart (docs/cvsi.md); images not listed are captioned")
     captions.add_argument("--captioner", default=None, help="BLIP-2 checkpoint name or local path, e.g. Salesforce/blip2-opt-6.7b-coco")
     captions.add_argument("--num_captions", type=int, default=None, help="N captions per image (captioner default 15; caps imported lists)")
     captions.add_argument("--top_p", type=float, default=None, help="nucleus sampling threshold (both presets 0.9)")
@@ -68,9 +69,13 @@ def build_parser() -> argparse.ArgumentParser:
     llm.add_argument("--llm_model", default=None, help="e.g. gpt-3.5-turbo (env CVSI_LLM_MODEL)")
     llm.add_argument("--llm_api_key", default=None, help="default: env OPENAI_API_KEY")
     llm.add_argument("--llm_concurrency", type=int, default=8)
-    llm.add_argument("--llm_timeout", type=float, default=60.0)
-    llm.add_argument("--llm_retries", type=int, default=6)
-    llm.add_argument("--llm_backoff", type=float, default=1.0, help="first retry delay in seconds, doubled per retry")
+    llm.add_argument("--llm_timeout", type=float, default=60.0, help="seconds per request (the openai client's timeout)")
+    llm.add_argument("--llm_retries", type=int, default=6,
+                     help="the openai client's max_retries (time-outs, connection errors, 408/409/429/5xx), and the "
+                          "re-asks after a malformed answer")
+    llm.add_argument("--llm_backoff", type=float, default=1.0,
+                     help="first delay in seconds before re-asking after a malformed answer, doubled per retry "
+                          "(transport retries use the openai client's back-off)")
     llm.add_argument("--llm_max_tokens", type=int, default=None, help="answer length limit (preset paper 256, release 700)")
     llm.add_argument("--llm_stop", nargs="*", default=None,
                      help="stop sequences (preset paper none, release a blank line and <|endoftext|>)")

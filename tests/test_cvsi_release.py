@@ -145,7 +145,9 @@ def test_release_llm_step_raw_answers_and_fallback_to_reference_captions(circo, 
             return chat_reply(" [a red square]\n")
         return chat_reply("  a red square and a blue circle \n")  # no marker: the raw answer is used
 
-    common = ["--captions_file", str(gallery_file), "--num_captions", "3", "--llm_model", "m", "--llm_retries", "1"]
+    key = "sk-release-test-" + "k" * 20
+    common = ["--captions_file", str(gallery_file), "--num_captions", "3", "--llm_model", "m", "--llm_retries", "1",
+              "--llm_api_key", key]
     with LoopbackChatServer(respond) as server:
         common += ["--llm_base_url", server.base_url]
         with pytest.raises(LLMError, match="LLM answers failed"):  # the paper preset stops on failures
@@ -153,6 +155,7 @@ def test_release_llm_step_raw_answers_and_fallback_to_reference_captions(circo, 
         first = server.requests
         result = zero_shot_cvsi.main(_args(root, phi, tmp_path, *common, "--preset", "release"))
         bodies = server.bodies[first:]
+        assert all(headers["authorization"] == f"Bearer {key}" for headers in server.headers)
     assert set(result["metrics"]["CVSI"]) >= {"mAP@5", "mAP@10"}
     assert all(b["temperature"] == 0 and b["max_tokens"] == 700 and b["stop"] == list(RELEASE_STOP) for b in bodies)
     # 'joined': one p_m and one p_a per query, on the reference's captions joined by commas.
@@ -170,6 +173,8 @@ def test_release_llm_step_raw_answers_and_fallback_to_reference_captions(circo, 
             assert modified == captions_of[query.reference] and added == ""
         else:
             assert modified == ["a red square and a blue circle"] and added == "[a red square]"
+    written = [path for path in tmp_path.rglob("*") if path.is_file()]
+    assert len(written) > 10 and not any(key.encode() in path.read_bytes() for path in written)  # outputs and caches
 
 
 # ------------------------------------------------------------------------------------------ captioning
