@@ -135,7 +135,7 @@ def _undo_batch_repeats(names: Sequence[str], count: int) -> list[str] | None:
 
 def _merge(target: dict[str, list[str]], path: Path, name: str, captions: list[str], role: str) -> None:
     if target.setdefault(name, captions) != captions:
-        raise DataError(f"{path}: image {name} has other {role} captions than in an earlier file")
+        raise DataError(f"{path}: image {name} has other {role} captions than an earlier entry (this or an earlier file)")
 
 
 def read_caption_sets(

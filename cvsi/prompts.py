@@ -101,19 +101,21 @@ def _after_marker(text: str, marker: str) -> str:
     return ""
 
 
-def _parsed(marker: str, what: str) -> Callable[[str], str]:
-    def parse(text: str) -> str:
-        answer = _after_marker(text, marker)
-        if not answer or answer.lower().startswith(("image content", "instruction")):
-            raise MalformedAnswer(f"no {what} in {text[:120]!r}")
-        return answer
-    return parse
+def _parse_after(text: str, marker: str, what: str) -> str:
+    answer = _after_marker(text, marker)
+    if not answer or answer.lower().startswith(("image content", "instruction")):
+        raise MalformedAnswer(f"no {what} in {text[:120]!r}")
+    return answer
 
 
-parse_edited_description = _parsed(MODIFY_MARKER, "edited description")
-parse_edited_description.__doc__ = "The modified caption ``C^M`` from an answer to a ``p_m`` prompt."
-parse_added_objects = _parsed(OBJECTS_MARKER, "objects")
-parse_added_objects.__doc__ = "The objects most likely added, ``F_add``, from an answer to a ``p_a`` prompt."
+def parse_edited_description(text: str) -> str:
+    """The modified caption ``C^M`` from an answer to a ``p_m`` prompt."""
+    return _parse_after(text, MODIFY_MARKER, "edited description")
+
+
+def parse_added_objects(text: str) -> str:
+    """The objects most likely added, ``F_add``, from an answer to a ``p_a`` prompt."""
+    return _parse_after(text, OBJECTS_MARKER, "objects")
 
 
 def parse_raw_answer(text: str) -> str:
