@@ -29,9 +29,11 @@ from typing import Any
 import torch
 from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 from PIL import Image, UnidentifiedImageError
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision import transforms as tv_transforms
 from torchvision.transforms import InterpolationMode
+
+from utils import seed_worker
 
 __all__ = [
     "DataError",
@@ -50,6 +52,7 @@ __all__ = [
     "SkippedSample",
     "SkipBadSamples",
     "collate_batch",
+    "make_loader",
 ]
 
 Transform = Callable[[Image.Image], torch.Tensor]
@@ -714,3 +717,29 @@ def collate_batch(batch: list[dict[str, Any] | SkippedSample]) -> dict[str, Any]
         values = [item[key] for item in batch]
         out[key] = torch.stack(values) if isinstance(values[0], torch.Tensor) else values
     return out
+
+
+def make_loader(
+    dataset: Dataset, batch_size: int, num_workers: int, device: torch.device, drop_last: bool = False,
+    generator: torch.Generator | None = None, sampler: Sampler[int] | None = None,
+    worker_init_fn: Callable[[int], None] = seed_worker,
+) -> DataLoader:
+    """A DataLoader over triplets or images (:func:`collate_batch`), pinned host memory on CUDA (asynchronous copies).
+
+    Workers are never persistent: the training loader's workers are re-created every epoch so that
+    they are seeded from the epoch's ``loader_seed`` (exact resume of FashionIQ's random caption order
+    depends on it), and the evaluation loaders are built once per use.  Re-creating 2-4 workers costs
+    well under a second per epoch (docs/benchmark.md).
+    """
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=sampler,
+        drop_last=drop_last,
+        num_workers=num_workers,
+        pin_memory=device.type == "cuda",
+        persistent_workers=False,
+        collate_fn=collate_batch,
+        worker_init_fn=worker_init_fn,
+        generator=generator,
+    )
