@@ -100,6 +100,10 @@ def build_parser() -> argparse.ArgumentParser:
     run_group.add_argument("--cache_dir", default="cvsi_cache")
     run_group.add_argument("--output_dir", default="cvsi_output")
     run_group.add_argument("--submission_name", default="cvsi")
+    run_group.add_argument("--save_predictions", action="store_true",
+                           help="on val, also write the CVSI row's rankings in the benchmark's own format (CIRCO "
+                                "{query id: [50 image ids]}, CIRR's two server files, FashionIQ {query id: [50 "
+                                "names]}) so the benchmark's evaluation code can score them (docs/cvsi.md)")
     run_group.add_argument("--batch_size", type=int, default=64)
     run_group.add_argument("--num_workers", type=int, default=0)
     run_group.add_argument("--device", default=None)

@@ -1,8 +1,10 @@
 """LinCIR's mapping network Φ: a CLIP image embedding ``q_v`` [B, D] -> a pseudo word embedding [B, w].
 
 The parameter names (``layers.0``, ``layers.3``, ``layers.6``) and the checkpoint layout
-(``{"epoch": int, "Phi": state_dict}``) are those of the LinCIR release, so its ``phi_best.pt`` /
-``lincir_*.pt`` files load unchanged.
+(``{"epoch": global step, "Phi": state_dict}``) are those of LinCIR's training script, which the CVSI
+release uses too, so LinCIR's ``lincir_large.pt`` (ViT-L/14) and the CVSI release's
+``phi_best_base_openai.pt`` (ViT-B/32) and ``phi_best_giga_openclip.pt`` (ViT-bigG/14) load unchanged;
+docs/cvsi.md lists which backbone each fits.
 """
 from __future__ import annotations
 

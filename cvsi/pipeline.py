@@ -325,29 +325,49 @@ def evaluate(task: Task, query: Tensor, target: Tensor, scoring: str = "paper") 
     return utils.fiq_metrics(q, t, task.gallery, [x.target for x in queries])
 
 
-def write_test_outputs(task: Task, query: Tensor, target: Tensor, output_dir: Path, name: str,
-                       scoring: str = "paper") -> list[Path]:
-    """CIRCO / CIRR test submissions (checked before they are written), FashionIQ top-50 rankings."""
+def write_rankings(task: Task, query: Tensor, target: Tensor, output_dir: Path, name: str,
+                   scoring: str = "paper") -> list[Path]:
+    """The task's rankings in the benchmark's own format, checked before they are written.
+
+    On test these are the submissions; on val the same formats under ``*_val_*`` names, so the
+    benchmark's own evaluation code can score them (the CIRCO repository's ``src/evaluation.py`` reads
+    the CIRCO file as it is):
+
+    * CIRCO: ``{query id: [top-50 image ids as ints]}``, ``circo_{split}_submission_{name}.json`` on
+      test (the server's file), ``circo_val_predictions_{name}.json`` on val;
+    * CIRR: the two server files ``{"version": "rc2", "metric": "recall" | "recall_subset", pairid:
+      [top-50 | top-3 names]}`` (reference removed), ``recall[_subset]_submission_{name}.json`` on test,
+      ``cirr_val_recall[_subset]_predictions_{name}.json`` on val;
+    * FashionIQ: ``{query id: [top-50 names]}`` per category (``fashioniq_{category}_{split}_rankings_{name}.json``
+      on test, ``fashioniq_{category}_val_predictions_{name}.json`` on val).
+    """
     queries = task.queries
     q, t = ranking_features(query, target, scoring)
+    test = task.split != "val"
+    if task.dataset == "cirr":
+        recall, subset = utils.cirr_submission(q, t, task.gallery, [x.reference for x in queries],
+                                               [x.members for x in queries], [x.query_id for x in queries])
+        if test:
+            return list(utils.write_cirr_submission(output_dir, name, recall, subset, task.annotations))
+        utils.check_cirr_submission(recall, subset, task.annotations)
+        paths = [output_dir / f"cirr_val_{metric}_predictions_{name}.json" for metric in ("recall", "recall_subset")]
+        for path, content in zip(paths, (recall, subset)):
+            utils.atomic_write_json(path, content, indent=None)
+        return paths
+    ranked = _ranked(q, t, task.gallery, SUBMISSION_TOP_K)
     if task.dataset == "circo":
-        ranked = _ranked(q, t, task.gallery, SUBMISSION_TOP_K)
         # The strict length check lives here; utils.circo_submission only formats (and checks ids).
         expected = min(SUBMISSION_TOP_K, len(task.gallery))
         problems = [f"query {x.query_id}: {len(ids)} predictions, expected {expected}"
                     for x, ids in zip(queries, ranked) if len(ids) != expected]
         if problems:
             raise utils.SubmissionError(problems)
-        submission = utils.circo_submission(ranked, [int(x.query_id) for x in queries])
-        path = output_dir / f"circo_test_submission_{name}.json"
-        utils.atomic_write_json(path, submission, indent=None)
+        content = utils.circo_submission(ranked, [int(x.query_id) for x in queries])
+        path = output_dir / (f"circo_{task.split}_submission_{name}.json" if test else f"circo_val_predictions_{name}.json")
+        utils.atomic_write_json(path, content, indent=None)
         return [path]
-    if task.dataset == "cirr":
-        recall, subset = utils.cirr_submission(q, t, task.gallery, [x.reference for x in queries],
-                                               [x.members for x in queries], [x.query_id for x in queries])
-        return list(utils.write_cirr_submission(output_dir, name, recall, subset, task.annotations))
-    ranked = _ranked(q, t, task.gallery, SUBMISSION_TOP_K)
-    path = output_dir / f"fashioniq_{task.name}_test_rankings_{name}.json"
+    kind = "rankings" if test else "predictions"
+    path = output_dir / f"fashioniq_{task.name}_{task.split}_{kind}_{name}.json"
     utils.atomic_write_json(path, {x.query_id: r for x, r in zip(queries, ranked)})
     return [path]
 
@@ -376,8 +396,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     """Run CVSI as configured by ``zero_shot_cvsi.py``'s options.
 
     Returns:
-        {"metrics": {row: metrics}} on val (FashionIQ rows summarised over categories),
-        {"files": [paths]} on test.
+        {"metrics": {row: metrics}, "files": [paths]} on val (FashionIQ rows summarised over categories;
+        the files are the CVSI row's rankings with ``--save_predictions``, else none), {"files": [paths]}
+        on test.
     """
     apply_preset(args)
     utils.set_seed(args.seed)
@@ -446,9 +467,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             query = fuse_query(weights, features["q_m"], features["q_f"], features["q_v"])
             t_c = None if features["t_c"] is None else scored_t_c(features["t_c"], args.scoring, task.dataset)
             target = fuse_target(weights, t_c, features["t_v"])
-            if args.split == "test":
-                files += write_test_outputs(task, query, target, output_dir, args.submission_name, args.scoring)
-            else:
+            if args.split == "test" or (args.save_predictions and row == FULL_ROW):
+                files += write_rankings(task, query, target, output_dir, args.submission_name, args.scoring)
+            if args.split != "test":
                 per_row[row][task.name] = evaluate(task, query, target, args.scoring)
 
     if args.split == "test":
@@ -458,4 +479,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     metrics = {row: (utils.summarize_fiq(sets) if args.dataset == "fashioniq" else sets[tasks[0].name])
                for row, sets in per_row.items()}
     utils.atomic_write_json(output_dir / f"metrics_{args.dataset}_{args.split}.json", metrics)
-    return {"metrics": metrics}
+    for path in files:
+        _logger.info("wrote %s", path)
+    return {"metrics": metrics, "files": files}
