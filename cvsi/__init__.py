@@ -10,7 +10,8 @@ LLM are combined into query and gallery features:
 * ``t_v = f_v(I_k)``; ``t_c = mean_i f_t(C_i^T)`` over the gallery image's captions;
 * ``q = α q_m + β q_f + (1−α−β) q_v``, ``t = γ t_c + (1−γ) t_v``, ranked by cosine similarity.
 
-Modules: :mod:`cvsi.phi` (Φ), :mod:`cvsi.pseudo_tokens` (text encoding with the pseudo word),
+Modules: :mod:`cvsi.phi` (Φ), :mod:`cvsi.phi_training` (training Φ from captions, LinCIR-style),
+:mod:`cvsi.pseudo_tokens` (text encoding with the pseudo word),
 :mod:`cvsi.fusion` (the two weighted sums), :mod:`cvsi.cache` (resumable disk caches),
 :mod:`cvsi.captioner` (BLIP-2), :mod:`cvsi.llm` (chat-completions client), :mod:`cvsi.prompts` (LLM prompts),
 :mod:`cvsi.imports` (precomputed caption / answer files), :mod:`cvsi.presets` (paper / release option

@@ -14,7 +14,10 @@ from torch import Tensor
 
 from model.backbone import CLIPBackbone
 
-__all__ = ["PSEUDO_WORD", "placeholder_token_id", "fine_grained_prompt", "encode_with_pseudo_words"]
+__all__ = [
+    "PSEUDO_WORD", "placeholder_token_id", "fine_grained_prompt", "encode_with_pseudo_words",
+    "encode_ids_with_pseudo_words",
+]
 
 PSEUDO_WORD = "$"
 
@@ -52,12 +55,21 @@ def encode_with_pseudo_words(
         pseudo_words: [B, w] embeddings ``Φ(q_v)`` put at the placeholder positions of each prompt.
         placeholder_id: from :func:`placeholder_token_id`.
     """
-    if pseudo_words.shape != (len(prompts), backbone.text_width):
+    if pseudo_words.shape[0] != len(prompts):
+        raise ValueError(f"{pseudo_words.shape[0]} pseudo words for {len(prompts)} prompts")
+    return encode_ids_with_pseudo_words(backbone, backbone.tokenize(prompts), pseudo_words, placeholder_id)
+
+
+def encode_ids_with_pseudo_words(
+    backbone: CLIPBackbone, token_ids: Tensor, pseudo_words: Tensor, placeholder_id: int
+) -> Tensor:
+    """:func:`encode_with_pseudo_words` on tokenised prompts ``token_ids`` [B, L]; differentiable in
+    ``pseudo_words`` [B, w] (Φ is trained through it, :mod:`cvsi.phi_training`)."""
+    if pseudo_words.shape != (token_ids.shape[0], backbone.text_width):
         raise ValueError(
-            f"pseudo_words must be [{len(prompts)}, {backbone.text_width}], got {tuple(pseudo_words.shape)}"
+            f"pseudo_words must be [{token_ids.shape[0]}, {backbone.text_width}], got {tuple(pseudo_words.shape)}"
         )
-    device = pseudo_words.device
-    token_ids = backbone.tokenize(prompts).to(device)  # [B, L]
+    token_ids = token_ids.to(pseudo_words.device)
     where = token_ids == placeholder_id  # [B, L]
     lacking = [i for i, row in enumerate(where.any(dim=1).tolist()) if not row]
     if lacking:
