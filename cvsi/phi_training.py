@@ -364,10 +364,39 @@ def _split(captions: list[str], config: PhiTrainingConfig) -> tuple[list[str], l
             [c for i, c in enumerate(captions) if i in held_out])
 
 
-def _save_state(path: Path, state: dict[str, Any]) -> None:
-    buffer = io.BytesIO()
-    torch.save(state, buffer)
-    utils.atomic_write_bytes(path, buffer.getvalue())
+@dataclass
+class _Progress:
+    """What a checkpoint of the training state holds besides the settings: Φ, the optimizer, the
+    learning-rate schedule, the loss scaler, the step, the best held-out error and the log rows."""
+
+    phi: Phi
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+    step: int = 0
+    best: float = math.inf
+    history: list[dict[str, float]] = field(default_factory=list)
+
+    def save(self, path: Path, identity: dict[str, Any]) -> None:
+        state = {"format": _STATE_FORMAT, "identity": identity, "step": self.step, "best": self.best,
+                 "history": self.history, "phi": self.phi.state_dict(), "optimizer": self.optimizer.state_dict(),
+                 "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict()}
+        buffer = io.BytesIO()
+        torch.save(state, buffer)
+        utils.atomic_write_bytes(path, buffer.getvalue())
+
+    def restore(self, path: Path, identity: dict[str, Any]) -> None:
+        state = utils.load_weights_only(path, ValueError, "Φ training state", "cpu")
+        if not isinstance(state, dict) or state.get("format") != _STATE_FORMAT:
+            raise ValueError(f"{path}: not a Φ training state of format {_STATE_FORMAT}")
+        changed = sorted(key for key in identity if state["identity"].get(key) != identity[key])
+        if changed:
+            raise ValueError(f"--resume: {path} was trained with other settings ({', '.join(changed)})")
+        self.phi.load_state_dict(state["phi"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.step, self.best, self.history = state["step"], state["best"], state["history"]
 
 
 def build_models(config: PhiTrainingConfig, device: torch.device | str = "cpu") -> tuple[CLIPBackbone, Phi]:
@@ -407,29 +436,17 @@ def train_phi(config: PhiTrainingConfig) -> dict[str, Any]:
     if len(captions) < config.batch_size:
         raise ValueError(f"the caption corpus has {len(captions)} training captions, fewer than one batch "
                          f"(--batch_size {config.batch_size})")
-    corpus_id = _corpus_digest(captions)
 
     backbone, phi = build_models(config, device)
     placeholder = placeholder_token_id(backbone)
     optimizer = torch.optim.AdamW(phi.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
     warmup = config.warmup_steps
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup) if warmup else 1.0)
-    scaler = grad_scaler(precision, device)
-    step, best, history = 0, math.inf, []
+    run = _Progress(phi, optimizer, scheduler, grad_scaler(precision, device))
+    identity = {**config.identity(), "corpus": _corpus_digest(captions)}
     if config.resume:
-        state = utils.load_weights_only(state_path, ValueError, "Φ training state", "cpu")
-        if state.get("format") != _STATE_FORMAT:
-            raise ValueError(f"{state_path}: unknown training-state format {state.get('format')!r}")
-        expected = {**config.identity(), "corpus": corpus_id}
-        changed = sorted(k for k in expected if state["identity"].get(k) != expected[k])
-        if changed:
-            raise ValueError(f"--resume: {state_path} was trained with other settings ({', '.join(changed)})")
-        phi.load_state_dict(state["phi"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
-        step, best, history = state["step"], state["best"], state["history"]
-        _logger.info("resumed %s at step %d", state_path, step)
+        run.restore(state_path, identity)
+        _logger.info("resumed %s at step %d", state_path, run.step)
     checkpoints.mkdir(parents=True, exist_ok=True)
     utils.atomic_write_json(output_dir / "config.json", asdict(config))
 
@@ -441,48 +458,45 @@ def train_phi(config: PhiTrainingConfig) -> dict[str, Any]:
                  backbone.embed_dim, backbone.text_width, len(captions), len(held_out), per_epoch)
 
     phi.train()
-    running = []
-    while step < config.max_train_steps:
-        epoch, position = divmod(step, per_epoch)
+    running: list[float] = []
+    while run.step < config.max_train_steps:
+        epoch, position = divmod(run.step, per_epoch)
         batches = _batches(len(captions), config.batch_size, config.seed, epoch)[position:]
         loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=config.num_workers,
                                              collate_fn=_collate_pairs)
         for batch_captions, batch_masked in loader:
             caption_ids, masked_ids = _tokenize_pair(backbone, batch_captions, batch_masked, placeholder,
                                                      config.template)
-            torch.manual_seed(_step_seed(config.seed, step))  # dropout
-            generator = torch.Generator().manual_seed(_step_seed(config.seed, step))  # σ, n
+            torch.manual_seed(_step_seed(config.seed, run.step))  # dropout
+            generator = torch.Generator().manual_seed(_step_seed(config.seed, run.step))  # σ, n
             with autocast(precision, device):
                 loss = phi_loss(backbone, phi, caption_ids, masked_ids, placeholder, config.noise_scale, generator)
             optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
+            run.scaler.scale(loss).backward()
+            run.scaler.step(optimizer)
+            run.scaler.update()
             scheduler.step()
-            step += 1
+            run.step += 1
             running.append(loss.item())
-            if step % config.log_every == 0:
-                _logger.info("step %d: loss %.5f lr %.2e", step, sum(running) / len(running), scheduler.get_last_lr()[0])
-            if step % config.checkpointing_steps == 0 or step == config.max_train_steps:
-                row: dict[str, float] = {"step": step, "loss": sum(running) / len(running)}
+            if run.step % config.log_every == 0:
+                _logger.info("step %d: loss %.5f (mean since the last checkpoint), lr %.2e", run.step,
+                             sum(running) / len(running), scheduler.get_last_lr()[0])
+            if run.step % config.checkpointing_steps == 0 or run.step == config.max_train_steps:
+                row: dict[str, float] = {"step": run.step, "loss": sum(running) / len(running)}
                 running = []
-                save_phi(checkpoints / f"phi_{step:09d}.pt", phi, step)
-                save_phi(latest, phi, step)
+                save_phi(checkpoints / f"phi_{run.step:09d}.pt", phi, run.step)
+                save_phi(latest, phi, run.step)
                 if held_out:
                     row.update({f"val_{k}": v for k, v in reconstruction(
                         backbone, phi, held_out, held_out_masked, config.template, config.batch_size).items()})
-                    if row["val_mse"] < best:
-                        best = row["val_mse"]
-                        save_phi(checkpoints / "phi_best.pt", phi, step)
-                history.append(row)
-                _logger.info("checkpoint at step %d: %s", step, row)
-                _save_state(state_path, {
-                    "format": _STATE_FORMAT, "step": step, "best": best, "history": history,
-                    "identity": {**config.identity(), "corpus": corpus_id}, "phi": phi.state_dict(),
-                    "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                    "scaler": scaler.state_dict()})
-                utils.atomic_write_json(output_dir / "train_log.json", history)
-            if step >= config.max_train_steps:
+                    if row["val_mse"] < run.best:
+                        run.best = row["val_mse"]
+                        save_phi(checkpoints / "phi_best.pt", phi, run.step)
+                run.history.append(row)
+                _logger.info("checkpoint at step %d: %s", run.step, row)
+                run.save(state_path, identity)
+                utils.atomic_write_json(output_dir / "train_log.json", run.history)
+            if run.step >= config.max_train_steps:
                 break
     best_path = checkpoints / "phi_best.pt"
-    return {"step": step, "history": history, "latest": latest, "best": best_path if best_path.is_file() else None}
+    return {"step": run.step, "history": run.history, "latest": latest, "best": best_path if best_path.is_file() else None}
