@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from utils import topk_retrieval
+from retrieval import topk_retrieval
 
 from .common import current_rss_bytes, peak_rss_bytes
 

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from model import SSNModel, build_ssn_model, ssn_loss
-from utils import topk_retrieval
+from retrieval import topk_retrieval
 
 from .common import interleaved_medians, peak_memory_bytes, reset_peak_memory
 from .official_head import official_compose, official_ssn_loss, official_target

@@ -1,6 +1,5 @@
-"""Tests for atomic writes, checkpoints, seeding and logging in utils.py."""
+"""Tests for utils.py: atomic writes, seeding, logging and the metrics log."""
 
-import argparse
 import errno
 import json
 import logging
@@ -15,14 +14,10 @@ import torch
 
 import utils
 from utils import (
-    CHECKPOINT_FORMAT_VERSION,
-    CheckpointError,
     MetricsLogger,
     atomic_write_bytes,
     atomic_write_json,
-    load_checkpoint,
     read_metrics_log,
-    save_checkpoint,
     seed_worker,
     set_seed,
     setup_logging,
@@ -65,113 +60,6 @@ def test_atomic_write_missing_dir_names_path(tmp_path):
     path = tmp_path / "missing" / "x.json"
     with pytest.raises(FileNotFoundError, match="missing"):
         atomic_write_json(path, {})
-
-
-# ---------------------------------------------------------------------------------------------
-# Checkpoints
-# ---------------------------------------------------------------------------------------------
-
-
-def make_state():
-    model = torch.nn.Linear(3, 2)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    model(torch.randn(4, 3)).sum().backward()
-    optimizer.step()
-    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=10, gamma=0.1)
-    args = argparse.Namespace(lr=1e-3, dataset="cirr", epochs=2, ks=[1, 5], output=None)
-    state = {
-        "model": model.state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict(),
-        "epoch": 3,
-        "best_metric": 41.5,
-        "args": vars(args),
-        "metrics": {"R@1": 12.0},
-    }
-    return model, state
-
-
-def test_checkpoint_roundtrip(tmp_path):
-    model, state = make_state()
-    path = tmp_path / "ckpt.pt"
-    save_checkpoint(path, state)
-    loaded = load_checkpoint(path)
-    assert loaded["format_version"] == CHECKPOINT_FORMAT_VERSION
-    assert loaded["epoch"] == 3 and loaded["args"] == state["args"] and loaded["metrics"] == {"R@1": 12.0}
-    for key, value in model.state_dict().items():
-        assert torch.equal(loaded["model"][key], value)
-    fresh = torch.optim.AdamW(torch.nn.Linear(3, 2).parameters(), lr=1.0)
-    fresh.load_state_dict(loaded["optimizer"])
-    assert fresh.param_groups[0]["lr"] == 1e-3
-    assert os.listdir(tmp_path) == ["ckpt.pt"]
-    # A state that already carries the current format version is accepted as is.
-    save_checkpoint(path, {**state, "format_version": CHECKPOINT_FORMAT_VERSION})
-    assert load_checkpoint(path)["format_version"] == CHECKPOINT_FORMAT_VERSION
-
-
-def test_checkpoint_loads_weights_only(tmp_path, monkeypatch):
-    _, state = make_state()
-    path = tmp_path / "ckpt.pt"
-    save_checkpoint(path, state)
-    calls = []
-    real_load = torch.load
-
-    def spy(*args, **kwargs):
-        calls.append(kwargs.get("weights_only"))
-        return real_load(*args, **kwargs)
-
-    monkeypatch.setattr(utils.torch, "load", spy)
-    load_checkpoint(path)
-    assert calls == [True]
-
-
-def test_save_checkpoint_rejects_non_plain_state(tmp_path):
-    for bad in (argparse.Namespace(lr=1.0), tmp_path, np.float64(1.0)):
-        with pytest.raises(TypeError, match="checkpoint state"):
-            save_checkpoint(tmp_path / "c.pt", {"x": {"y": bad}})
-    with pytest.raises(ValueError, match="format_version"):
-        save_checkpoint(tmp_path / "c.pt", {"format_version": CHECKPOINT_FORMAT_VERSION + 1})
-    assert not (tmp_path / "c.pt").exists()
-
-
-def test_load_checkpoint_errors_name_file(tmp_path):
-    missing = tmp_path / "nope.pt"
-    with pytest.raises(CheckpointError, match="nope.pt.*no such file"):
-        load_checkpoint(missing)
-
-    garbage = tmp_path / "garbage.pt"
-    garbage.write_bytes(b"this is not a checkpoint")
-    with pytest.raises(CheckpointError, match="garbage.pt"):
-        load_checkpoint(garbage)
-
-    _, state = make_state()
-    good = tmp_path / "good.pt"
-    save_checkpoint(good, state)
-    truncated = tmp_path / "truncated.pt"
-    truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
-    with pytest.raises(CheckpointError, match="truncated.pt.*corrupt"):
-        load_checkpoint(truncated)
-
-    empty = tmp_path / "empty.pt"
-    empty.write_bytes(b"")
-    with pytest.raises(CheckpointError, match="empty.pt"):
-        load_checkpoint(empty)
-
-    foreign = tmp_path / "foreign.pt"
-    torch.save({"weights": torch.ones(2)}, foreign)  # a torch file, but not ours
-    with pytest.raises(CheckpointError, match="foreign.pt.*not a checkpoint"):
-        load_checkpoint(foreign)
-
-    unsafe = tmp_path / "unsafe.pt"
-    torch.save({"format_version": 1, "args": argparse.Namespace(lr=1.0)}, unsafe)  # needs full unpickling
-    with pytest.raises(CheckpointError, match="unsafe.pt"):
-        load_checkpoint(unsafe)
-
-    newer = tmp_path / "newer.pt"
-    torch.save({"format_version": CHECKPOINT_FORMAT_VERSION + 1}, newer)
-    with pytest.raises(CheckpointError, match="newer"):
-        load_checkpoint(newer)
-    assert issubclass(CheckpointError, ValueError)
 
 
 # ---------------------------------------------------------------------------------------------
