@@ -4,15 +4,15 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import hf_clip
 from .backbone import CLIPBackbone, create_backbone, resolve_quick_gelu
+from .retrievers import RETRIEVERS, get_retriever
 from .ssn_head import SSNHead
 
-# Retrieval methods: SSN itself and the backbone-only baselines it is compared with.
-RETRIEVAL_METHODS = ("ssn", "image", "text", "sum")
+# Retrieval methods: SSN itself and the backbone-only baselines it is compared with (the registered ones).
+RETRIEVAL_METHODS = tuple(RETRIEVERS)
 
 
 class CheckpointMismatchError(ValueError):
@@ -48,27 +48,12 @@ class SSNModel(nn.Module):
 
     # ------------------------------------------------------------------ retrieval
     def encode_query(self, reference_images: Tensor, token_ids: Tensor, method: str = "ssn") -> Tensor:
-        """Normalised query features [B, D] for a retrieval ``method`` in RETRIEVAL_METHODS."""
-        image = self.backbone.encode_image(reference_images)
-        text = self.backbone.encode_text(token_ids)
-        if method == "ssn":
-            return self.head.compose_query(image.tokens, image.embeds, text.tokens, text.embeds, text.mask)
-        if method == "image":
-            return F.normalize(image.embeds, dim=-1)
-        if method == "text":
-            return F.normalize(text.embeds, dim=-1)
-        if method == "sum":
-            return F.normalize(F.normalize(image.embeds, dim=-1) + F.normalize(text.embeds, dim=-1), dim=-1)
-        raise ValueError(f"unknown retrieval method {method!r}; choose from {RETRIEVAL_METHODS}")
+        """Normalised query features [B, D] of a retrieval ``method`` (:mod:`model.retrievers`)."""
+        return get_retriever(method).encode_query(self, reference_images, token_ids)
 
     def encode_gallery(self, images: Tensor, method: str = "ssn") -> Tensor:
-        """Normalised gallery features [B, D]: SSN's target feature, or the plain image embedding."""
-        features = self.backbone.encode_image(images)
-        if method == "ssn":
-            return self.head.encode_target(features.tokens, features.embeds)
-        if method in RETRIEVAL_METHODS:
-            return F.normalize(features.embeds, dim=-1)
-        raise ValueError(f"unknown retrieval method {method!r}; choose from {RETRIEVAL_METHODS}")
+        """Normalised gallery features [B, D] of a retrieval ``method`` (:mod:`model.retrievers`)."""
+        return get_retriever(method).encode_gallery(self, images)
 
     def text_selection(self, reference_images: Tensor, token_ids: Tensor) -> Tensor:
         """The per-word upgradation weight ``s_t`` [B, L] (0 = degradation word)."""

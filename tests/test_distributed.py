@@ -1,9 +1,10 @@
 """Distributed loss: 2 gloo processes with half a batch each equal 1 process with the whole batch.
 
-Each rank computes ``(q⁺, q⁻, t)`` for its half with a shared SSN head, gathers them with
-:func:`distributed.all_gather_with_grad`, takes ``ssn_loss`` on the global batch and backpropagates;
-the gradients are then averaged across ranks as DistributedDataParallel does (sum / world).  Loss and
-averaged gradients must equal those of a single process over the whole batch.
+Each rank computes ``(q⁺, q⁻, t)`` for its half with a shared SSN head and passes them to
+:class:`model.loss.SSNLoss`, which gathers them itself (:func:`distributed.all_gather_with_grad`), takes
+the SSN loss on the global batch, and backpropagates; the gradients are then averaged across ranks as
+DistributedDataParallel does (sum / world).  Loss and averaged gradients must equal those of
+``ssn_loss`` in a single process over the whole batch.
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from distributed import all_gather_with_grad
-from model import SSNHead, ssn_loss
+from model import SSNHead, SSNLoss, create_loss, ssn_loss, ssn_loss_terms
 
 WORLD_SIZE = 2
 GLOBAL_BATCH = 6
@@ -57,14 +58,17 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         head = _head()
         local = GLOBAL_BATCH // WORLD_SIZE
         x = {k: v[rank * local : (rank + 1) * local] for k, v in _global_inputs().items()}
-        q_pos, q_neg, target = (all_gather_with_grad(f) for f in _features(head, x))
-        loss = ssn_loss(q_pos, q_neg, target)
+        features = _features(head, x)
+        # Without gathering, each rank's loss sees its own half only.
+        local = SSNLoss(gather=False)(*features)["loss"]
+        torch.testing.assert_close(local, ssn_loss(*features), rtol=0, atol=0)
+        loss = SSNLoss()(*features)["loss"]
         loss.backward()
         grads = {}
         for name, param in head.named_parameters():
             dist.all_reduce(param.grad)  # what DDP does: sum over ranks, then divide by the world size
             grads[name] = param.grad / WORLD_SIZE
-        torch.save({"loss": loss.detach(), "grads": grads}, Path(out_dir) / f"rank{rank}.pt")
+        torch.save({"loss": loss.detach(), "local": local.detach(), "grads": grads}, Path(out_dir) / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
 
@@ -84,6 +88,8 @@ def test_two_gloo_processes_match_one_process_with_the_global_batch(tmp_path):
     head = _head()
     reference_loss = ssn_loss(*_features(head, _global_inputs()))
     reference_loss.backward()
+    losses = [torch.load(tmp_path / f"rank{rank}.pt")["local"] for rank in range(WORLD_SIZE)]
+    assert not torch.allclose(losses[0], losses[1])  # the halves differ, so the gathered loss is a real check
     for rank in range(WORLD_SIZE):
         result = torch.load(tmp_path / f"rank{rank}.pt")
         torch.testing.assert_close(result["loss"], reference_loss.detach(), atol=1e-6, rtol=1e-6)
@@ -94,6 +100,19 @@ def test_two_gloo_processes_match_one_process_with_the_global_batch(tmp_path):
 def test_gather_is_the_identity_without_a_process_group():
     x = torch.randn(3, 2, requires_grad=True)
     assert all_gather_with_grad(x) is x
+
+
+def test_ssn_loss_module_in_one_process_is_the_loss_in_fp32():
+    features = _features(_head(), _global_inputs())
+    terms = SSNLoss(kl_weight=0.3)(*(f.half() for f in features))
+    expected = ssn_loss_terms(*(f.half().float() for f in features), kl_weight=0.3)
+    assert terms["loss"].dtype == torch.float32 and set(terms) == set(expected)
+    for key, value in expected.items():
+        torch.testing.assert_close(terms[key], value, rtol=0, atol=0)
+    loss = create_loss("ssn", kl_weight=0.3, gather=False)
+    assert isinstance(loss, SSNLoss) and (loss.kl_weight, loss.gather) == (0.3, False)
+    with pytest.raises(ValueError, match=r"unknown loss 'triplet'; choose from \('ssn',\)"):
+        create_loss("triplet")
 
 
 def test_torchrun_two_cpu_processes_train_and_only_rank0_writes(tmp_path):
