@@ -13,13 +13,8 @@ from pathlib import Path
 from typing import Sequence
 
 import utils
-from feature_cache import checkpoint_gallery_encoder
-from distributed import init_distributed
-from precision import EVAL_PRECISION_HELP, PRECISIONS, effective_precision
-from training import (
-    encode_gallery, encode_queries, load_trained_model, preprocessing_settings, resolve_dataset_root, retrieval_sets,
-    run_directory,
-)
+from inference import write_cirr_test_submission
+from precision import EVAL_PRECISION_HELP, PRECISIONS
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -37,26 +32,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> tuple[Path, Path]:
     args = build_parser().parse_args(argv)
-    logger = utils.setup_logging(None)
-    device = init_distributed(args.device).device
-    precision = effective_precision(args.precision, device)
-    trained = load_trained_model(args.checkpoint, device)
-    if trained.dataset != "cirr":
-        raise ValueError(f"{args.checkpoint} was trained on {trained.dataset}, not CIRR")
-    data_root = args.data_root or trained.train_args.get("data_root")
-    if not data_root:
-        raise ValueError(f"{args.checkpoint} records no data_root: pass --data_root")
-    (test_set,) = retrieval_sets("cirr", resolve_dataset_root(data_root, "cirr"), "test1", trained.transform)
-    encode = checkpoint_gallery_encoder(args.checkpoint, run_directory(args.checkpoint) / "feature_cache", "test1",
-                                        preprocessing_settings(trained, precision))
-    names, gallery = encode(test_set, "ssn", lambda: encode_gallery(
-        trained.model, test_set.gallery, device, precision, "ssn", args.batch_size, args.num_workers))
-    queries, meta = encode_queries(trained.model, test_set.queries, device, precision, "ssn", args.batch_size, args.num_workers)
-    recall, subset = utils.cirr_submission(queries, gallery, names, meta["reference_name"], meta["members"], meta["pair_id"])
-    output_dir = Path(args.output_dir) if args.output_dir else run_directory(args.checkpoint) / "submission"
-    paths = utils.write_cirr_submission(output_dir, args.submission_name, recall, subset, test_set.queries.triplets)
-    logger.info("CIRR test1 submission (%d queries) written and checked:\n  %s\n  %s", len(queries), *paths)
-    return paths
+    utils.setup_logging(None)
+    return write_cirr_test_submission(
+        args.checkpoint, args.submission_name, data_root=args.data_root, output_dir=args.output_dir,
+        batch_size=args.batch_size, num_workers=args.num_workers, device=args.device, precision=args.precision,
+    )
 
 
 if __name__ == "__main__":

@@ -15,13 +15,13 @@ import logging
 import os
 import pickle
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
-import utils
+from datasets import RetrievalTask
+from utils import atomic_write_bytes
 
 _logger = logging.getLogger("cir.feature_cache")
 _HASH_BLOCK = 1 << 20
@@ -67,22 +67,22 @@ def cached_gallery_features(
     split: str,
     names: Sequence[str],
     method: str,
-    compute: Callable[[], tuple[Sequence[str], Tensor]],
+    compute: Callable[[], Tensor],
     extra: Mapping[str, str] | None = None,
-) -> tuple[list[str], Tensor]:
-    """Gallery ``(names, features [G, D])`` from the cache, or from ``compute()`` (then stored).
+) -> Tensor:
+    """Gallery features [G, D] (row i for ``names[i]``) from the cache, or from ``compute()`` (then stored).
 
     Args:
         cache_dir: folder of the cache (created if missing).
         checkpoint_id: identity of the weights, e.g. :func:`checkpoint_identity` of the checkpoint file.
-        split: dataset and split, e.g. ``"cirr/val"`` or ``"fashioniq/dress/val"``.
-        names: the gallery image names in dataset order (``dataset.image_names``).
+        split: task and split, e.g. ``"cirr/val"`` or ``"dress/val"``.
+        names: the gallery image names in feature order (``RetrievalTask.gallery``).
         method: retrieval method (``"ssn"``, ``"image"``, ...).
-        compute: encodes the gallery; must return the same names in the same order.
+        compute: encodes the gallery in the order of ``names``.
         extra: other settings the features depend on (precision, transform), as strings.
 
     Raises:
-        ValueError: ``compute`` returned other names than ``names`` (the key would be wrong).
+        ValueError: ``compute`` returned another number of rows than there are names.
     """
     names = list(names)
     path = Path(cache_dir) / f"gallery_{cache_key(checkpoint_id, split, names, method, extra)}.pt"
@@ -94,31 +94,31 @@ def cached_gallery_features(
         else:
             if isinstance(entry, dict) and entry.get("names") == names and len(entry.get("features", ())) == len(names):
                 _logger.info("gallery features for %s (%s) loaded from cache %s", split, method, path)
-                return entry["names"], entry["features"]
+                return entry["features"]
             _logger.warning("cache entry %s holds another gallery; re-encoding", path)
-    computed_names, features = compute()
-    if list(computed_names) != names:
-        raise ValueError(f"compute() returned {len(computed_names)} names that differ from the {len(names)} expected for {split}")
+    features = compute()
+    if features.shape[0] != len(names):
+        raise ValueError(f"compute() returned {features.shape[0]} feature rows for the {len(names)} gallery names of {split}")
     buffer = io.BytesIO()
     torch.save({"names": names, "features": features.detach().cpu().contiguous()}, buffer)
     path.parent.mkdir(parents=True, exist_ok=True)
-    utils.atomic_write_bytes(path, buffer.getvalue())
+    atomic_write_bytes(path, buffer.getvalue())
     _logger.info("gallery features for %s (%s) computed and cached in %s", split, method, path)
-    return names, features
+    return features
 
 
 def checkpoint_gallery_encoder(
-    checkpoint_path: str | os.PathLike, cache_dir: str | os.PathLike, split: str, settings: Mapping[str, str],
-) -> Callable[[Any, str, Callable[[], tuple[Sequence[str], Tensor]]], tuple[list[str], Tensor]]:
-    """A ``gallery_encoder`` for :func:`training.evaluate`: galleries of a fixed checkpoint, cached.
+    checkpoint_path: str | os.PathLike, cache_dir: str | os.PathLike, settings: Mapping[str, str],
+) -> Callable[[RetrievalTask, str, Callable[[], Tensor]], Tensor]:
+    """A ``gallery_encoder`` for :func:`evaluation.evaluate`: galleries of a fixed checkpoint, cached.
 
-    The checkpoint is hashed once; each retrieval set is keyed by ``<dataset>/<set name>/<split>``, its
-    image names and the method, plus ``settings`` (precision, preprocessing).
+    The checkpoint is hashed once; each task is keyed by ``<task name>/<split>`` (e.g. ``cirr/val``,
+    ``dress/val``), its gallery names and the method, plus ``settings`` (precision, preprocessing).
     """
     identity = checkpoint_identity(checkpoint_path)
 
-    def encode(retrieval_set: Any, method: str, compute: Callable[[], tuple[Sequence[str], Tensor]]) -> tuple[list[str], Tensor]:
-        return cached_gallery_features(cache_dir, identity, f"{retrieval_set.name}/{split}",
-                                       retrieval_set.gallery.image_names, method, compute, settings)
+    def encode(task: RetrievalTask, method: str, compute: Callable[[], Tensor]) -> Tensor:
+        return cached_gallery_features(cache_dir, identity, f"{task.name}/{task.split}", task.gallery, method, compute,
+                                       settings)
 
     return encode

@@ -17,11 +17,14 @@ from typing import Sequence
 import torch
 
 import utils
-from data_utils import ImageFiles, list_gallery_images, load_image
+from data_utils import list_gallery_images, load_image
+from datasets import Query, RetrievalTask
+from evaluation import ModelRetrieval
 from feature_cache import cached_gallery_features, checkpoint_identity, file_list_identity
 from distributed import init_distributed
+from inference import load_trained_model, preprocessing_settings
 from precision import EVAL_PRECISION_HELP, PRECISIONS, effective_precision
-from training import encode_gallery, load_trained_model, preprocessing_settings
+from retrieval import topk_retrieval
 from viz.examples import QueryExample, word_selection
 from viz.grid import draw_retrieval_grid
 
@@ -53,29 +56,28 @@ def main(argv: Sequence[str] | None = None) -> list[tuple[Path, float]]:
     files = list_gallery_images(args.gallery_dir)
     trained = load_trained_model(args.checkpoint, device)
 
-    gallery = ImageFiles([str(f) for f in files], files, trained.transform)
-    _, gallery_feats = cached_gallery_features(
-        args.cache_dir, checkpoint_identity(args.checkpoint), str(Path(args.gallery_dir).resolve()),
-        [str(f) for f in files], "ssn",
-        lambda: encode_gallery(trained.model, gallery, device, precision, "ssn", args.batch_size, args.num_workers),
+    # The folder is a retrieval task of one query; image names are the files' paths.
+    names = [str(f) for f in files]
+    task = RetrievalTask("folder", "folder", "", Path(args.gallery_dir), names, [Query("0", args.reference, args.text)],
+                         image_path=Path, annotations=[])
+    method = ModelRetrieval(trained.model, "ssn", trained.transform, device, precision, args.batch_size, args.num_workers)
+    gallery_feats = cached_gallery_features(
+        args.cache_dir, checkpoint_identity(args.checkpoint), str(Path(args.gallery_dir).resolve()), names, method.name,
+        lambda: method.encode_gallery(task),
         extra={"files": file_list_identity(files), **preprocessing_settings(trained, precision)},
     )
-
-    reference_image = trained.transform(reference)[None].to(device)
-    with torch.no_grad():
-        token_ids = trained.model.backbone.tokenize([args.text]).to(device)
-        query = trained.model.encode_query(reference_image, token_ids, "ssn").float().cpu()
+    query = method.encode_queries(task)
     # As in CIRR, the reference itself is no answer when it lies in the gallery folder.
     resolved = [f.resolve() for f in files]
     reference_path = Path(args.reference).resolve()
     exclude = torch.tensor([resolved.index(reference_path) if reference_path in resolved else -1])
-    scores, indices = utils.topk_retrieval(query, gallery_feats, args.top_k, exclude)
+    scores, indices = topk_retrieval(query, gallery_feats, args.top_k, exclude)
     results = [(files[i], s) for i, s in zip(indices[0].tolist(), scores[0].tolist())]
     for rank, (path, score) in enumerate(results, start=1):
         print(f"{rank:>3}  {score:.4f}  {path}")
 
     if args.grid:
-        words = word_selection(trained.model, reference_image, [args.text])[0]
+        words = word_selection(trained.model, trained.transform(reference)[None], [args.text])[0]
         example = QueryExample(Path(args.reference), args.text, [p for p, _ in results], [s for _, s in results],
                                words=words)
         grid, _ = draw_retrieval_grid([example], args.grid, title=f"query: {args.text}")

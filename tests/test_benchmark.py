@@ -1,4 +1,4 @@
-"""Smoke tests of benchmark.py on the tiny config (no timing assertions) and of the gallery feature cache."""
+"""Smoke tests of benchmark.py on the tiny config (no timing assertions)."""
 from __future__ import annotations
 
 import importlib.util
@@ -10,7 +10,6 @@ import torch
 import benchmark
 from benchmarks.official_head import official_ssn_loss
 from benchmarks.retrieval import recall_vs_exact
-from feature_cache import cache_key, cached_gallery_features, checkpoint_identity
 from model import ssn_loss
 
 
@@ -56,38 +55,3 @@ def test_official_probability_target_loss_equals_ours():
 def test_recall_vs_exact():
     exact = torch.tensor([[1, 2, 3], [4, 5, 6]])
     assert recall_vs_exact(torch.tensor([[3, 2, 1], [4, 9, 8]]), exact) == pytest.approx(4 / 6)
-
-
-def test_feature_cache_encodes_once_per_key(tmp_path):
-    checkpoint = tmp_path / "model.pt"
-    checkpoint.write_bytes(b"weights")
-    identity = checkpoint_identity(checkpoint)
-    names = ["a", "b", "c"]
-    calls = []
-
-    def compute():
-        calls.append(1)
-        return names, torch.arange(6.0).view(3, 2)
-
-    cache = tmp_path / "cache"
-    first = cached_gallery_features(cache, identity, "cirr/val", names, "ssn", compute)
-    second = cached_gallery_features(cache, identity, "cirr/val", names, "ssn", compute)
-    assert len(calls) == 1
-    assert second[0] == names and torch.equal(first[1], second[1])
-    cached_gallery_features(cache, identity, "cirr/val", names, "image", compute)  # another method
-    checkpoint.write_bytes(b"retrained weights")
-    cached_gallery_features(cache, checkpoint_identity(checkpoint), "cirr/val", names, "ssn", compute)
-    assert len(calls) == 3
-    assert not list(cache.glob(".*.tmp"))  # atomic writes leave no temporary files
-
-
-def test_feature_cache_key_depends_on_name_order_and_extra_settings():
-    base = cache_key("ckpt", "cirr/val", ["a", "b"], "ssn")
-    assert cache_key("ckpt", "cirr/val", ["b", "a"], "ssn") != base
-    assert cache_key("ckpt", "cirr/val", ["a", "b"], "ssn", {"precision": "amp"}) != base
-    assert cache_key("ckpt", "cirr/val", ["a", "b"], "ssn") == base
-
-
-def test_feature_cache_rejects_mismatched_names(tmp_path):
-    with pytest.raises(ValueError, match="names"):
-        cached_gallery_features(tmp_path, "ckpt", "cirr/val", ["a"], "ssn", lambda: (["b"], torch.zeros(1, 2)))

@@ -135,7 +135,7 @@ def test_the_ssn_readme_command_is_accepted(cirr_root):
 
 
 def test_validation_reuses_cached_gallery_features(cirr_run, tmp_path, monkeypatch):
-    import training
+    import evaluation
 
     argv = ["--checkpoint", str(cirr_run / "checkpoints" / "best.pt"), "--output", str(tmp_path / "v.json")]
     first = validate.main(argv)
@@ -144,7 +144,7 @@ def test_validation_reuses_cached_gallery_features(cirr_run, tmp_path, monkeypat
     def no_encoding(*args, **kwargs):
         raise AssertionError("the gallery was encoded again")
 
-    monkeypatch.setattr(training, "encode_gallery", no_encoding)
+    monkeypatch.setattr(evaluation.ModelRetrieval, "encode_gallery", no_encoding)
     assert validate.main(argv) == first
     with pytest.raises(AssertionError, match="encoded again"):
         validate.main(argv + ["--no_cache"])

@@ -12,12 +12,15 @@ import pytest
 import torch
 from PIL import Image
 
+import evaluation
 import plot_curves
 import retrieve
 import train_cirr
-import training
 import validate
 from data_utils import DataError
+from datasets import get_dataset, resolve_dataset_root
+from evaluation import ModelRetrieval
+from inference import load_trained_model
 from synthetic import make_synthetic_cirr
 from viz import report as viz_report
 from viz.curves import read_epoch_metrics
@@ -43,13 +46,11 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def val_features(run: Path):
-    """The model, val set and features, encoded once for the grid tests."""
-    trained = training.load_trained_model(run / "checkpoints" / "best.pt", torch.device("cpu"))
-    root = training.resolve_dataset_root(trained.train_args["data_root"], "cirr")
-    (val_set,) = training.retrieval_sets("cirr", root, "val", trained.transform)
-    names, gallery = training.encode_gallery(trained.model, val_set.gallery, torch.device("cpu"))
-    queries, meta = training.encode_queries(trained.model, val_set.queries, torch.device("cpu"))
-    return trained, val_set, names, gallery, queries, meta
+    """The model, val task and features, encoded once for the grid tests."""
+    trained = load_trained_model(run / "checkpoints" / "best.pt", torch.device("cpu"))
+    (task,) = get_dataset("cirr").tasks(resolve_dataset_root(trained.train_args["data_root"], "cirr"), "val")
+    method = ModelRetrieval(trained.model, "ssn", trained.transform, torch.device("cpu"))
+    return trained, task, method.encode_gallery(task), method.encode_queries(task)
 
 
 def _is_gt(pixel: tuple[int, int, int]) -> bool:
@@ -135,21 +136,20 @@ def test_training_writes_curves_and_report(run: Path) -> None:
 
 
 def test_grid_from_the_run_matches_the_ranking(tmp_path: Path, val_features) -> None:
-    trained, val_set, names, gallery, queries, meta = val_features
-    examples = retrieval_examples(trained.model, val_set.queries, val_set.gallery, names, queries, gallery,
-                                  meta, 8, exclude_reference=True)
+    trained, task, gallery, queries = val_features
+    examples = retrieval_examples(trained.model, task, trained.transform, queries, gallery, 8, exclude_reference=True)
     assert len(examples) == 8
     # The printed and framed rank is the rank a dense stable sort gives with the reference removed.
-    index = {name: i for i, name in enumerate(names)}
-    path_of = val_set.gallery.image_path
+    index = {name: i for i, name in enumerate(task.gallery)}
+    path_of = task.image_path
     for example in examples:
-        (q,) = [q for q in range(len(meta["caption"])) if meta["caption"][q] == example.caption
-                and path_of(meta["reference_name"][q]) == example.reference and path_of(meta["target_name"][q]) == example.target]
+        (q,) = [q for q, query in enumerate(task.queries) if query.caption == example.caption
+                and path_of(query.reference) == example.reference and path_of(query.target) == example.target]
         row = queries[q] @ gallery.T
-        row[index[meta["reference_name"][q]]] = float("-inf")
+        row[index[task.queries[q].reference]] = float("-inf")
         order = torch.sort(row, descending=True, stable=True).indices.tolist()
-        assert example.target_rank == order.index(index[meta["target_name"][q]]) + 1
-        assert example.retrieved == [path_of(names[i]) for i in order[:10]]
+        assert example.target_rank == order.index(index[task.queries[q].target]) + 1
+        assert example.retrieved == [path_of(task.gallery[i]) for i in order[:10]]
         assert example.words and all(0 <= w <= 1 for _, w in example.words)
         assert " ".join(w for w, _ in example.words) == example.caption.lower()
     path, layout = draw_retrieval_grid(examples, tmp_path / "grid.png")
@@ -235,7 +235,7 @@ def test_retrieve_prints_top_k_and_caches(tmp_path: Path, run: Path, monkeypatch
     def no_encoding(*args, **kwargs):
         raise AssertionError("the gallery was encoded again")
 
-    monkeypatch.setattr(retrieve, "encode_gallery", no_encoding)
+    monkeypatch.setattr(evaluation.ModelRetrieval, "encode_gallery", no_encoding)
     second = retrieve.main(argv)
     assert second == first and "loaded from cache" in capsys.readouterr().out
     # A changed gallery is a new cache key.

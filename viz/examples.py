@@ -7,7 +7,7 @@ rows: the top-k with scores, the ground truth's rank (ties broken as the metrics
 """
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,10 +15,11 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor
-from torch.utils.data import Dataset
 
-import utils
+from data_utils import load_image
+from datasets import RetrievalTask
 from model.backbone import text_mask_from_ids
+from retrieval import topk_retrieval
 
 __all__ = [
     "QueryExample",
@@ -104,7 +105,7 @@ def target_ranks(
     exclude_indices: Tensor | None = None,
     chunk_size: int = 1024,
 ) -> Tensor:
-    """1-based rank of each query's target in the order of :func:`utils.topk_retrieval`.
+    """1-based rank of each query's target in the order of :func:`retrieval.topk_retrieval`.
 
     Rank = 1 + (items scoring higher) + (items scoring equal with a lower gallery index), with the
     excluded item (CIRR: the reference) removed, so ties are broken exactly as the metrics break them.
@@ -145,34 +146,33 @@ def select_examples(ranks: Sequence[int], count: int) -> list[int]:
 
 def retrieval_examples(
     model: Any,
-    queries: Dataset,
-    gallery: Dataset,
-    gallery_names: Sequence[str],
+    task: RetrievalTask,
+    transform: Callable[[Any], Tensor],
     query_feats: Tensor,
     gallery_feats: Tensor,
-    metadata: Mapping[str, Sequence],
     num_examples: int,
     exclude_reference: bool,
     top_k: int = 10,
 ) -> list[QueryExample]:
-    """Grid rows for ``num_examples`` validation queries from features already computed.
+    """Grid rows for ``num_examples`` validation queries of ``task`` from features already computed.
 
     Args:
         model: the SSNModel (only used for the word weights of the chosen queries).
-        queries, gallery: the datasets the features came from (``relative`` / ``classic`` mode); their
-            ``image_path`` gives the files to show, ``queries[i]`` the reference image for ``s_t``.
-        metadata: from :func:`training.encode_queries` (``reference_name``, ``target_name``, ``caption``).
+        task: the queries and gallery the features came from; ``task.image_path`` gives the files to show.
+        transform: the model's preprocessing (the chosen references are encoded again for ``s_t``).
+        query_feats, gallery_feats: [Q, D] and [G, D], rows in the task's query and gallery order.
         exclude_reference: remove the reference from its own ranking (CIRR), as the metrics do.
     """
-    name_index = {name: i for i, name in enumerate(gallery_names)}
-    references, targets = metadata["reference_name"], metadata["target_name"]
+    name_index = {name: i for i, name in enumerate(task.gallery)}
+    references = [query.reference for query in task.queries]
+    targets = [query.target for query in task.queries]
     missing = sorted({t for t in targets if t not in name_index})
     if missing:
         raise ValueError(f"targets not in the gallery: {missing[:5]}")
     target_idx = torch.tensor([name_index[t] for t in targets], dtype=torch.long)
     exclude = (torch.tensor([name_index.get(r, -1) for r in references], dtype=torch.long)
                if exclude_reference else None)
-    scores, top = utils.topk_retrieval(query_feats, gallery_feats, top_k, exclude)
+    scores, top = topk_retrieval(query_feats, gallery_feats, top_k, exclude)
     ranks = target_ranks(query_feats, gallery_feats, target_idx, exclude).tolist()
     # The top-k list is what the metrics count; the counted rank only matters beyond it (a rounding
     # difference between the two matmuls must not put the frame and the printed rank apart).
@@ -181,16 +181,15 @@ def retrieval_examples(
     chosen = select_examples(ranks, num_examples)
     if not chosen:
         return []
-    items = [queries[q] for q in chosen]
-    words = word_selection(model, torch.stack([item["reference_image"] for item in items]),
-                           [metadata["caption"][q] for q in chosen])
+    images = torch.stack([transform(load_image(task.image_path(references[q]))) for q in chosen])
+    words = word_selection(model, images, [task.queries[q].caption for q in chosen])
     return [
         QueryExample(
-            reference=Path(queries.image_path(references[q])),
-            caption=metadata["caption"][q],
-            retrieved=[Path(gallery.image_path(gallery_names[i])) for i in top[q].tolist()],
+            reference=Path(task.image_path(references[q])),
+            caption=task.queries[q].caption,
+            retrieved=[Path(task.image_path(task.gallery[i])) for i in top[q].tolist()],
             scores=scores[q].tolist(),
-            target=Path(gallery.image_path(targets[q])),
+            target=Path(task.image_path(targets[q])),
             target_rank=ranks[q],
             words=words[row],
         )

@@ -20,6 +20,7 @@ import open_clip
 import torch
 
 import utils
+from datasets import DATASETS
 from viz.curves import best_epoch, plot_training_curves, read_epoch_metrics
 from viz.grid import relative_link
 
@@ -43,11 +44,11 @@ def _read_json_if_present(path: Path) -> Any:
 
 
 def dataset_of(metrics: Mapping[str, float]) -> str | None:
-    """Which published numbers are comparable, judged by the metric names themselves."""
-    if "R@1" in metrics:
-        return "cirr"
-    if "avg_R@10" in metrics:
-        return "fashioniq"
+    """Which published numbers are comparable, judged by the metric names themselves
+    (``DatasetSpec.identifying_metrics``)."""
+    for spec in DATASETS.values():
+        if all(key in metrics for key in spec.identifying_metrics):
+            return spec.name
     return None
 
 

@@ -1,0 +1,171 @@
+"""A trained SSN checkpoint at work: rebuild it alone, validate it, write its CIRR test1 submission.
+
+``validate.py``, ``cirr_test_submission.py``, ``retrieve.py`` and ``demo.py`` use this module; it never
+imports the training loop (``training/``).  :func:`load_trained_model` rebuilds the model, its
+preprocessing and its dataset from the checkpoint file; :func:`run_directory` finds the run folder a
+checkpoint belongs to (where validation JSON, feature caches and submissions go by default).
+"""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import utils
+from checkpoint import CheckpointError, load_checkpoint
+from data_utils import TRANSFORM_REVISION, build_transform
+from datasets import DATASETS, RetrievalTask, get_dataset, resolve_dataset_root
+from distributed import init_distributed
+from evaluation import FeatureCallback, ModelRetrieval, evaluate
+from feature_cache import checkpoint_gallery_encoder
+from metrics import metric_legend, metrics_table
+from model import RETRIEVAL_METHODS, SSNModel, ssn_model_from_checkpoint
+from precision import effective_precision
+from viz.examples import retrieval_examples
+from viz.grid import write_retrieval_examples
+from viz.report import write_run_report_safely
+
+# The datasets a training checkpoint can record (``checkpoint["dataset"]``): those with training triplets.
+TRAINED_DATASETS = tuple(name for name, spec in DATASETS.items() if spec.train_dataset is not None)
+_logger = logging.getLogger("cir")
+
+
+@dataclass
+class TrainedModel:
+    """A model rebuilt from a training checkpoint, with what it was trained on and how images are prepared."""
+
+    model: SSNModel
+    dataset: str  # 'cirr' or 'fashioniq'
+    train_args: dict[str, Any]  # the run's public flags (checkpoint["args"])
+    transform: Any  # PIL image -> [3, H, W] tensor, as in training
+
+
+def run_directory(checkpoint_path: str | os.PathLike) -> Path:
+    """The run folder of a checkpoint (``<run>/checkpoints/x.pt`` -> ``<run>``)."""
+    checkpoint = Path(checkpoint_path)
+    return checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else checkpoint.parent
+
+
+def preprocessing_settings(trained: TrainedModel, precision: str) -> dict[str, str]:
+    """What, besides the weights, changes a trained model's gallery features (feature cache keys)."""
+    args = trained.train_args
+    return {"precision": precision, "transform": str(args.get("transform", "clip")),
+            "transform_revision": str(TRANSFORM_REVISION),
+            "target_ratio": str(args.get("target_ratio", 1.25)), "image_size": str(trained.model.backbone.image_size)}
+
+
+def load_trained_model(checkpoint_path: str | os.PathLike, device: torch.device) -> TrainedModel:
+    """Rebuild the model, its preprocessing and dataset from a training checkpoint alone.
+
+    Raises:
+        CheckpointError: unreadable file, or no training dataset recorded in it.
+        CheckpointMismatchError: the weights do not fit the recorded model configuration.
+    """
+    checkpoint = load_checkpoint(checkpoint_path, map_location="cpu")
+    if checkpoint.get("dataset") not in TRAINED_DATASETS:
+        raise CheckpointError(f"checkpoint {checkpoint_path}: no training dataset recorded (not written by training)")
+    model = ssn_model_from_checkpoint(checkpoint, device=device, source=str(checkpoint_path)).eval()
+    train_args = checkpoint.get("args", {})
+    transform = build_transform(train_args.get("transform", "clip"), model.backbone.image_size, train_args.get("target_ratio", 1.25))
+    return TrainedModel(model, checkpoint["dataset"], train_args, transform)
+
+
+def _data_root(trained: TrainedModel, checkpoint: str | os.PathLike, data_root: str | None) -> str:
+    """``data_root`` if given, else the one the model was trained with."""
+    root = data_root or trained.train_args.get("data_root")
+    if not root:
+        raise ValueError(f"{checkpoint} records no data_root: pass --data_root")
+    return root
+
+
+def _grid_writer(trained: TrainedModel, checkpoint: str | os.PathLike, num_queries: int, output: Path) -> FeatureCallback:
+    """Draws a retrieval grid per task (PNG + HTML beside ``output``) from the features the metrics used."""
+    spec = get_dataset(trained.dataset)
+
+    def draw(task: RetrievalTask, gallery: torch.Tensor, queries: torch.Tensor) -> None:
+        # As the metrics: the reference leaves its own ranking where the dataset says so (CIRR).
+        examples = retrieval_examples(trained.model, task, trained.transform, queries, gallery, num_queries,
+                                      exclude_reference=spec.exclude_reference)
+        title = f"{task.name} {task.split}: {Path(checkpoint).name} ({trained.train_args.get('clip_model_name', '?')})"
+        png, page = write_retrieval_examples(examples, output, task.name, title)
+        logging.getLogger("cir.validate").info("retrieval examples: %s, %s", png, page)
+
+    return draw
+
+
+def validate_checkpoint(
+    checkpoint: str | os.PathLike, data_root: str | None = None, baselines: bool = False, output: str | None = None,
+    batch_size: int = 64, num_workers: int = 0, device: str | None = None, precision: str = "fp32",
+    use_cache: bool = True, visualize: int = 0,
+) -> dict[str, dict[str, float]]:
+    """Validate a checkpoint on its dataset's val split; returns ``{method: metrics}``.
+
+    Scores SSN, and with ``baselines`` every other registered retrieval method (image-only, text-only and
+    image+text sum) on the same backbone.  Writes the metrics JSON (default ``<run>/validation.json``), with
+    ``visualize`` K > 0 a retrieval grid of K queries beside it, and refreshes the run's ``report.md``.
+    Gallery features are cached in ``<run>/feature_cache`` (keyed by the checkpoint's content) unless
+    ``use_cache`` is False.
+    """
+    device_ = init_distributed(device).device
+    precision = effective_precision(precision, device_)
+    trained = load_trained_model(checkpoint, device_)
+    spec = get_dataset(trained.dataset)
+    root = resolve_dataset_root(_data_root(trained, checkpoint, data_root), spec.name)
+    # FashionIQ is validated on the categories the run trained on (--dress_types).
+    tasks = spec.tasks(root, spec.val_split, trained.train_args.get("dress_types"))
+    methods = RETRIEVAL_METHODS if baselines else ("ssn",)
+    output_path = Path(output) if output else run_directory(checkpoint) / "validation.json"
+    gallery_encoder = None
+    if use_cache:
+        gallery_encoder = checkpoint_gallery_encoder(checkpoint, run_directory(checkpoint) / "feature_cache",
+                                                     preprocessing_settings(trained, precision))
+    draw = _grid_writer(trained, checkpoint, visualize, output_path) if visualize > 0 else None
+    results = {
+        method: evaluate(ModelRetrieval(trained.model, method, trained.transform, device_, precision, batch_size,
+                                        num_workers),
+                         tasks, spec, gallery_encoder, on_features=draw if method == "ssn" else None)
+        for method in methods
+    }
+    utils.atomic_write_json(output_path, {"checkpoint": str(checkpoint), "dataset": trained.dataset,
+                                          "split": spec.val_split, "metrics": results})
+    _logger.info("%s val, %s:\n%s\n%s", trained.dataset, checkpoint, metrics_table(results),
+                 metric_legend(next(iter(results.values()))))
+    _logger.info("metrics written to %s", output_path)
+    report = write_run_report_safely(run_directory(checkpoint), device=str(device_), validation_json=output_path)
+    if report is not None:
+        _logger.info("run report written to %s", report)
+    return results
+
+
+def write_cirr_test_submission(
+    checkpoint: str | os.PathLike, submission_name: str, data_root: str | None = None, output_dir: str | None = None,
+    batch_size: int = 64, num_workers: int = 0, device: str | None = None, precision: str = "fp32",
+) -> tuple[Path, Path]:
+    """Write and check the two CIRR test1 submission files of a CIRR checkpoint; returns their paths.
+
+    ``recall_submission_<name>.json`` holds each query's top 50 (reference excluded),
+    ``recall_subset_submission_<name>.json`` its top 3 within the query's image set; both go to
+    ``output_dir`` (default ``<run>/submission``).
+    """
+    device_ = init_distributed(device).device
+    precision = effective_precision(precision, device_)
+    trained = load_trained_model(checkpoint, device_)
+    spec = get_dataset("cirr")
+    if trained.dataset != spec.name:
+        raise ValueError(f"{checkpoint} was trained on {trained.dataset}, not CIRR")
+    root = resolve_dataset_root(_data_root(trained, checkpoint, data_root), spec.name)
+    (task,) = spec.tasks(root, spec.test_split)
+    method = ModelRetrieval(trained.model, "ssn", trained.transform, device_, precision, batch_size, num_workers)
+    encode = checkpoint_gallery_encoder(checkpoint, run_directory(checkpoint) / "feature_cache",
+                                        preprocessing_settings(trained, precision))
+    gallery = encode(task, method.name, lambda: method.encode_gallery(task))
+    queries = method.encode_queries(task)
+    directory = Path(output_dir) if output_dir else run_directory(checkpoint) / "submission"
+    recall_path, subset_path = spec.write_test_outputs(task, queries, gallery, directory, submission_name)
+    _logger.info("CIRR test1 submission (%d queries) written and checked:\n  %s\n  %s", len(queries), recall_path,
+                 subset_path)
+    return recall_path, subset_path
