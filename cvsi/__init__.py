@@ -10,11 +10,14 @@ LLM are combined into query and gallery features:
 * ``t_v = f_v(I_k)``; ``t_c = mean_i f_t(C_i^T)`` over the gallery image's captions;
 * ``q = α q_m + β q_f + (1−α−β) q_v``, ``t = γ t_c + (1−γ) t_v``, ranked by cosine similarity.
 
-Modules: :mod:`cvsi.phi` (Φ), :mod:`cvsi.phi_training` (training Φ from captions, LinCIR-style),
-:mod:`cvsi.pseudo_tokens` (text encoding with the pseudo word),
-:mod:`cvsi.fusion` (the two weighted sums), :mod:`cvsi.cache` (resumable disk caches),
-:mod:`cvsi.captioner` (BLIP-2), :mod:`cvsi.llm` (chat-completions client), :mod:`cvsi.prompts` (LLM prompts),
+Modules: :mod:`cvsi.params` (the options of a run), :mod:`cvsi.pipeline` (the whole method, scored by
+the project's :func:`evaluation.evaluate` over the dataset registry), :mod:`cvsi.features` (CLIP
+features: images, caption means, ``q_f``), :mod:`cvsi.semantics` (captions and LLM answers),
+:mod:`cvsi.fusion` (the two weighted sums and their retrieval method), :mod:`cvsi.phi` (Φ),
+:mod:`cvsi.phi_training` (training Φ from captions, LinCIR-style), :mod:`cvsi.pseudo_tokens` (text
+encoding with the pseudo word), :mod:`cvsi.cache` (resumable disk caches), :mod:`cvsi.captioner`
+(BLIP-2), :mod:`cvsi.llm` (chat-completions client), :mod:`cvsi.prompts` (LLM prompts),
 :mod:`cvsi.imports` (precomputed caption / answer files), :mod:`cvsi.presets` (paper / release option
-presets), :mod:`cvsi.pipeline` (the whole method),
-:mod:`cvsi.loopback` (a local chat-completions server) and :mod:`cvsi.demo` (synthetic end-to-end demo).
+presets), :mod:`cvsi.loopback` (a local chat-completions server) and :mod:`cvsi.demo` (synthetic
+end-to-end demo). The package never imports the training loop, the plotting code or a script.
 """

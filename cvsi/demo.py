@@ -7,8 +7,8 @@
 2. saves a randomly initialised Φ in LinCIR's checkpoint layout for the tiny open_clip config;
 3. starts a chat-completions server on 127.0.0.1 whose "LLM" applies the synthetic edit instructions
    to the captions it is given (so the two CVSI prompts get meaningful answers);
-4. runs ``zero_shot_cvsi.py`` on val with the paper's ablation rows, then again (everything cached:
-   no LLM request), then on test (CIRCO submission file).
+4. runs CVSI (:func:`cvsi.pipeline.run` with ``zero_shot_cvsi.py``'s options) on val with the paper's
+   ablation rows, then again (everything cached: no LLM request), then on test (CIRCO submission file).
 
 CLIP and Φ have random weights here, so the numbers only show that the pipeline works: the semantic
 components (captions, modified captions) carry the signal.
@@ -24,10 +24,11 @@ from typing import Any, Sequence
 import torch
 
 import utils
-import zero_shot_cvsi
-from cvsi.prompts import MODIFY_MARKER, OBJECTS_MARKER
 from cvsi.loopback import LoopbackChatServer, Reply, chat_reply
+from cvsi.params import parse_config
 from cvsi.phi import Phi, save_phi
+from cvsi.pipeline import results_text, run
+from cvsi.prompts import MODIFY_MARKER, OBJECTS_MARKER
 from model import create_backbone
 from synthetic import CAPTIONS_DIR, make_synthetic_circo
 
@@ -99,7 +100,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                              ("test", ["--split", "test"])):
             before = server.requests
             print(f"\n=== {label} ===")
-            results[label] = zero_shot_cvsi.main(common + llm + extra)
+            results[label] = run(parse_config(common + llm + extra))
+            if "metrics" in results[label]:
+                print(results_text(results[label]["metrics"]))
             print(f"LLM requests this run: {server.requests - before}")
     metrics = results["val"]["metrics"]["CVSI"]
     print("\nCVSI on synthetic CIRCO val: " + ", ".join(f"mAP@{k} {metrics[f'mAP@{k}']:.2f}" for k in (5, 10, 25, 50)))

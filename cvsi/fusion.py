@@ -13,19 +13,22 @@ Two scorings (:data:`SCORINGS`):
   ranking, so normalising ``q`` or not is the same ranking.)
 
 With unit ``t_v`` and a ``t_c`` of norm < 1 (a mean of unit vectors), ``‖t‖`` differs between gallery
-images, so the two scorings rank differently.
+images, so the two scorings rank differently. :class:`FusedRetrieval` hands one weighting to the
+project's :func:`evaluation.evaluate` and the registry's metrics and submission writers.
 """
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
-from typing import Iterable
 
 import torch.nn.functional as F
 from torch import Tensor
 
+from datasets import RetrievalTask
+
 __all__ = [
-    "FusionWeights", "PRESETS", "COMPONENTS", "GROUPS", "ABLATIONS", "SCORINGS", "fuse_query", "fuse_target",
-    "scored_t_c", "ranking_features",
+    "FusionWeights", "DatasetPreset", "PRESETS", "COMPONENTS", "GROUPS", "ABLATIONS", "SCORINGS", "fuse_query",
+    "fuse_target", "scored_t_c", "ranking_target", "Components", "FusedRetrieval",
 ]
 
 COMPONENTS = ("q_m", "q_f", "q_v", "t_c", "t_v")
@@ -93,11 +96,21 @@ class FusionWeights:
             raise ValueError(f"no query or no gallery component left: query {self.query()}, target {self.target()}")
 
 
-# Paper §IV-A2: CIRR and CIRCO rely on semantics, FashionIQ on visual information.
+@dataclass(frozen=True)
+class DatasetPreset:
+    """CVSI's choices for one dataset: the paper's weights (§IV-A2) and whether the released code
+    re-normalises ``t_c`` before Eq. 9 under ``--scoring release`` (it does on FashionIQ only)."""
+
+    weights: FusionWeights
+    release_unit_t_c: bool = False
+
+
+# Paper §IV-A2: CIRR and CIRCO rely on semantics, FashionIQ on visual information. A dataset of the
+# registry without an entry here runs with --alpha, --beta and --gamma given.
 PRESETS = {
-    "cirr": FusionWeights(0.6, 0.4, 0.2),
-    "circo": FusionWeights(0.6, 0.4, 0.2),
-    "fashioniq": FusionWeights(0.2, 0.6, 0.1),
+    "cirr": DatasetPreset(FusionWeights(0.6, 0.4, 0.2)),
+    "circo": DatasetPreset(FusionWeights(0.6, 0.4, 0.2)),
+    "fashioniq": DatasetPreset(FusionWeights(0.2, 0.6, 0.1), release_unit_t_c=True),
 }
 
 
@@ -121,21 +134,66 @@ def fuse_target(weights: FusionWeights, t_c: Tensor | None, t_v: Tensor | None) 
     return _weighted_sum(weights.target(), {"t_c": t_c, "t_v": t_v})
 
 
-def scored_t_c(t_c: Tensor, scoring: str, dataset: str) -> Tensor:
+def scored_t_c(t_c: Tensor, scoring: str, release_unit_t_c: bool) -> Tensor:
     """``t_c`` [G, D] as it enters Eq. 9: as computed (a mean of unit vectors) under 'paper'; under
-    'release', re-normalised to unit length on FashionIQ only (as the released code does)."""
-    if scoring not in SCORINGS:
-        raise ValueError(f"unknown scoring {scoring!r}; expected one of {SCORINGS}")
-    return F.normalize(t_c, dim=-1) if scoring == "release" and dataset == "fashioniq" else t_c
+    'release', re-normalised to unit length where the released code does (``release_unit_t_c``:
+    :attr:`DatasetPreset.release_unit_t_c`)."""
+    _check_scoring(scoring)
+    return F.normalize(t_c, dim=-1) if scoring == "release" and release_unit_t_c else t_c
 
 
-def ranking_features(query: Tensor, target: Tensor, scoring: str) -> tuple[Tensor, Tensor]:
-    """(q [Q, D], t [G, D]) whose dot product ranks the gallery.
+def ranking_target(target: Tensor, scoring: str) -> Tensor:
+    """The fused ``t`` [G, D] whose dot product with the normalised ``q`` ranks the gallery.
 
-    'paper': both L2-normalised, so ``q·t`` is the cosine similarity of Eq. 10. 'release': ``t`` as
-    fused (its norm varies between gallery images and changes the ranking), ``q`` normalised (which
-    does not change a query's ranking).
+    'paper': L2-normalised, so ``q·t`` is the cosine similarity of Eq. 10. 'release': as fused (its norm
+    varies between gallery images and changes the ranking; normalising ``q`` does not).
     """
+    _check_scoring(scoring)
+    return F.normalize(target, dim=-1) if scoring == "paper" else target
+
+
+def _check_scoring(scoring: str) -> None:
     if scoring not in SCORINGS:
         raise ValueError(f"unknown scoring {scoring!r}; expected one of {SCORINGS}")
-    return F.normalize(query, dim=-1), (F.normalize(target, dim=-1) if scoring == "paper" else target)
+
+
+@dataclass
+class Components:
+    """One task's CVSI components (None where not computed): ``q_m``, ``q_f``, ``q_v`` [Q, D] in query
+    order and ``t_c``, ``t_v`` [G, D] in gallery order."""
+
+    q_m: Tensor | None = None
+    q_f: Tensor | None = None
+    q_v: Tensor | None = None
+    t_c: Tensor | None = None
+    t_v: Tensor | None = None
+
+
+class FusedRetrieval:
+    """The retrieval method (:class:`evaluation.RetrievalMethod`) of one weighting of CVSI's components.
+
+    ``encode_queries`` gives the normalised fused ``q`` (Eq. 8), ``encode_gallery`` the fused ``t``
+    (Eq. 9) as :func:`ranking_target` ranks it (unnormalised under 'release' scoring). The components of
+    each task are computed once and shared by every weighting (the paper's ablation rows).
+
+    Args:
+        name: the row's name (result tables).
+        weights: α, β, γ and the dropped components.
+        components: task name -> :class:`Components`.
+        scoring: 'paper' or 'release'; ``release_unit_t_c``: see :func:`scored_t_c`.
+    """
+
+    def __init__(self, name: str, weights: FusionWeights, components: Mapping[str, Components],
+                 scoring: str = "paper", release_unit_t_c: bool = False) -> None:
+        _check_scoring(scoring)
+        self.name, self.weights, self.components = name, weights, components
+        self.scoring, self.release_unit_t_c = scoring, release_unit_t_c
+
+    def encode_queries(self, task: RetrievalTask) -> Tensor:
+        c = self.components[task.name]
+        return F.normalize(fuse_query(self.weights, c.q_m, c.q_f, c.q_v), dim=-1)
+
+    def encode_gallery(self, task: RetrievalTask) -> Tensor:
+        c = self.components[task.name]
+        t_c = None if c.t_c is None else scored_t_c(c.t_c, self.scoring, self.release_unit_t_c)
+        return ranking_target(fuse_target(self.weights, t_c, c.t_v), self.scoring)

@@ -16,7 +16,7 @@ from typing import Any, Mapping
 import torch
 from torch import Tensor, nn
 
-import utils
+from checkpoint import load_weights_only
 from utils import atomic_write_bytes
 
 __all__ = ["Phi", "PhiCheckpointError", "PHI_STATE_KEY", "load_phi", "save_phi"]
@@ -85,7 +85,7 @@ def load_phi(
             trained for).
     """
     path = Path(path)
-    obj = utils.load_weights_only(path, PhiCheckpointError, "Φ checkpoint", map_location)
+    obj = load_weights_only(path, PhiCheckpointError, "Φ checkpoint", map_location)
     state = _state_dict_from(obj, path)
     phi = Phi(input_dim, output_dim)
     expected = phi.state_dict()

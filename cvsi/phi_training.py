@@ -43,12 +43,14 @@ import torch.nn.functional as F
 from torch import Tensor
 
 import utils
+from checkpoint import load_weights_only
 from cvsi.phi import Phi, save_phi
 from cvsi.pseudo_tokens import PSEUDO_WORD, encode_ids_with_pseudo_words, placeholder_token_id
 from data_utils import DataError
 from model import create_backbone, parse_pretrained
 from model.backbone import CLIPBackbone
 from precision import PRECISIONS, autocast, effective_precision, grad_scaler
+from retrieval import topk_retrieval
 
 __all__ = [
     "PhiTrainingConfig", "KEYWORD_TAGS", "Span", "heuristic_tagger", "spacy_tagger", "keyword_runs", "mask_caption",
@@ -312,7 +314,7 @@ def reconstruction(backbone: CLIPBackbone, phi: Phi, captions: Sequence[str], ma
         targets.append(target.cpu())
     phi.train(was_training)
     target, predicted = torch.cat(targets), torch.cat(predictions)  # [N, D]
-    _, nearest = utils.topk_retrieval(F.normalize(predicted, dim=-1), F.normalize(target, dim=-1), 1)
+    _, nearest = topk_retrieval(F.normalize(predicted, dim=-1), F.normalize(target, dim=-1), 1)
     return {"mse": F.mse_loss(predicted, target).item(),
             "cosine": F.cosine_similarity(predicted, target, dim=-1).mean().item(),
             "recall@1": (nearest[:, 0] == torch.arange(len(captions))).float().mean().item()}
@@ -386,7 +388,7 @@ class _Progress:
         utils.atomic_write_bytes(path, buffer.getvalue())
 
     def restore(self, path: Path, identity: dict[str, Any]) -> None:
-        state = utils.load_weights_only(path, ValueError, "Φ training state", "cpu")
+        state = load_weights_only(path, ValueError, "Φ training state", "cpu")
         if not isinstance(state, dict) or state.get("format") != _STATE_FORMAT:
             raise ValueError(f"{path}: not a Φ training state of format {_STATE_FORMAT}")
         changed = sorted(key for key in identity if state["identity"].get(key) != identity[key])

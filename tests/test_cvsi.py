@@ -1,6 +1,7 @@
 """CVSI building blocks: fusion, Φ, pseudo-word encoding, caches, imports, caption files, LLM client."""
 from __future__ import annotations
 
+import ast
 import json
 import threading
 from pathlib import Path
@@ -10,17 +11,32 @@ import torch
 import torch.nn.functional as F
 
 from cvsi.cache import CacheError, JsonCache, TensorCache, fingerprint
-from cvsi.fusion import ABLATIONS, PRESETS, FusionWeights, fuse_query, fuse_target
+from cvsi.fusion import ABLATIONS, PRESETS, Components, FusedRetrieval, FusionWeights, fuse_query, fuse_target
 from cvsi.imports import QueryAnswers, match_answers, read_answer_files, read_caption_sets, write_answer_file
 from cvsi.llm import ChatClient, ChatConfig, LLMError, LLMJob, MalformedAnswer, run_jobs
 from cvsi.loopback import LoopbackChatServer, Reply, chat_reply
 from cvsi.phi import Phi, PhiCheckpointError, load_phi, save_phi
-from cvsi.pipeline import Query, Task, evaluate
 from cvsi.prompts import build_messages, parse_added_objects, parse_edited_description
 from cvsi.pseudo_tokens import encode_with_pseudo_words, fine_grained_prompt, placeholder_token_id
 from data_utils import DataError
+from datasets import Query, RetrievalTask
+from evaluation import evaluate
 from model import create_backbone
 from synthetic import CAPTIONS_DIR, SYNTHETIC_CAPTIONS_PER_IMAGE, make_synthetic_circo, make_synthetic_cirr, make_synthetic_fashioniq
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_cvsi_imports_no_training_no_plotting_and_no_script():
+    scripts = {path.stem for path in REPO.glob("*.py") if 'if __name__ == "__main__"' in path.read_text()}
+    assert {"zero_shot_cvsi", "train_phi", "train_cirr"} <= scripts
+    forbidden = scripts | {"training", "viz"}
+    for path in sorted((REPO / "cvsi").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module] if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module else []
+            assert not [n for n in names if n.split(".")[0] in forbidden], f"{path.name} imports {names}"
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +50,7 @@ def test_fusion_matches_direct_computation():
     torch.manual_seed(0)
     q_m, q_f, q_v = (F.normalize(torch.randn(5, 8), dim=-1) for _ in range(3))
     t_c, t_v = (F.normalize(torch.randn(7, 8), dim=-1) for _ in range(2))
-    for weights in (PRESETS["circo"], PRESETS["fashioniq"], FusionWeights(0.3, 0.3, 0.5)):
+    for weights in (PRESETS["circo"].weights, PRESETS["fashioniq"].weights, FusionWeights(0.3, 0.3, 0.5)):
         a, b, g = weights.alpha, weights.beta, weights.gamma
         q = a * q_m + b * q_f + (1 - a - b) * q_v
         t = g * t_c + (1 - g) * t_v
@@ -43,26 +59,26 @@ def test_fusion_matches_direct_computation():
                  @ F.normalize(fuse_target(weights, t_c, t_v), dim=-1).T)  # cosine similarity, Eq. 10
         torch.testing.assert_close(fused, direct)
     # Dropping a component zeroes its weight; the query side of CIRCO has no q_v term at all.
-    dropped = PRESETS["circo"].without(["q_m", "t_v"])
+    dropped = PRESETS["circo"].weights.without(["q_m", "t_v"])
     assert dropped.query() == {"q_m": 0.0, "q_f": 0.4, "q_v": 0.0} and dropped.target()["t_v"] == 0.0
     torch.testing.assert_close(fuse_query(dropped, None, q_f, None), 0.4 * q_f)
-    assert PRESETS["circo"].without(["visual"]).needed() == {"q_m", "t_c"}
+    assert PRESETS["circo"].weights.without(["visual"]).needed() == {"q_m", "t_c"}
     assert set(ABLATIONS["w/o semantic information extraction"]) == {"q_m", "t_c"}
     with pytest.raises(ValueError, match="alpha \\+ beta"):
         FusionWeights(0.7, 0.4, 0.2)
     with pytest.raises(ValueError, match="not computed"):
-        fuse_query(PRESETS["circo"], None, q_f, q_v)
+        fuse_query(PRESETS["circo"].weights, None, q_f, q_v)
 
 
 def test_cvsi_circo_map_on_a_hand_case_with_several_ground_truths():
     # One query; the fused scores rank the gallery g0 > g1 > ... > g5; ground truths g0, g2, g4.
     gallery = [f"g{i}" for i in range(6)]
-    task = Task("circo", "circo", "val", Path("."), gallery,
-                [Query("0", "ref", "T", target="g2", gt=["g0", "g2", "g4"], aspects=["addition"])],
-                lambda name: Path(name), [])
-    target = torch.eye(6)
-    query = torch.tensor([[6.0, 5, 4, 3, 2, 1]])
-    metrics = evaluate(task, query, target)
+    task = RetrievalTask("circo", "circo", "val", Path("."), gallery,
+                         [Query("0", "ref", "T", target="g2", gt=["g0", "g2", "g4"], aspects=["addition"])],
+                         lambda name: Path(name), [])
+    image_only = FusedRetrieval("CVSI", FusionWeights(0.0, 0.0, 0.0),  # q = q_v, t = t_v
+                                {"circo": Components(q_v=torch.tensor([[6.0, 5, 4, 3, 2, 1]]), t_v=torch.eye(6))})
+    metrics = evaluate(image_only, [task], "circo")
     ap5 = (1 / 1 + 2 / 3 + 3 / 5) / 3  # P@i at each hit, over min(k, |GT|) = 3
     assert metrics["mAP@5"] == pytest.approx(100 * ap5)
     assert metrics["mAP@50"] == pytest.approx(100 * ap5)

@@ -37,7 +37,8 @@ def test_circo_val_predictions_scored_by_the_official_evaluation_give_the_pipeli
     with LoopbackChatServer(demo.synthetic_editor) as server:
         result = zero_shot_cvsi.main(_args("circo", root, tmp_path, "--phi_checkpoint", str(phi), *captions,
                                            "--llm_base_url", server.base_url, "--llm_model", "m", "--ablations"))
-    assert [path.name for path in result["files"]] == ["circo_val_predictions_cvsi.json"]  # the CVSI row only
+    # The CVSI row only, in the test submission's format.
+    assert result["files"] == [tmp_path / "run" / "val_predictions" / "circo_test_submission_cvsi.json"]
     predictions = json.loads(result["files"][0].read_text())
     assert all(len(ids) == 50 and all(isinstance(i, int) for i in ids) for ids in predictions.values())
 
@@ -63,8 +64,8 @@ def test_cirr_val_predictions_are_the_server_files_and_give_the_pipelines_recall
     root = make_synthetic_cirr(tmp_path / "data", seed=0, num_train=6, num_val=24, num_test=2, image_size=32)
     result = zero_shot_cvsi.main(_args("cirr", root, tmp_path, *IMAGE_ONLY))
     recall_file, subset_file = result["files"]
-    assert (recall_file.name, subset_file.name) == ("cirr_val_recall_predictions_cvsi.json",
-                                                    "cirr_val_recall_subset_predictions_cvsi.json")
+    assert (recall_file.name, subset_file.name) == ("recall_submission_cvsi.json", "recall_subset_submission_cvsi.json")
+    assert recall_file.parent == tmp_path / "run" / "val_predictions"
     recall, subset = json.loads(recall_file.read_text()), json.loads(subset_file.read_text())
     assert (recall.pop("version"), recall.pop("metric"), subset.pop("version"), subset.pop("metric")) == \
         ("rc2", "recall", "rc2", "recall_subset")
@@ -84,7 +85,7 @@ def test_fashioniq_val_predictions_per_category_give_the_pipelines_recalls(tmp_p
     root = make_synthetic_fashioniq(tmp_path / "data", seed=0, num_train_per_category=4, num_val_per_category=60,
                                     num_test_per_category=2, image_size=32)
     result = zero_shot_cvsi.main(_args("fashioniq", root, tmp_path, *IMAGE_ONLY))
-    assert [p.name for p in result["files"]] == [f"fashioniq_{c}_val_predictions_cvsi.json"
+    assert [p.name for p in result["files"]] == [f"fashioniq_{c}_test_rankings_cvsi.json"
                                                  for c in ("dress", "shirt", "toptee")]
     ours = result["metrics"]["CVSI"]
     for path, category in zip(result["files"], ("dress", "shirt", "toptee")):

@@ -17,9 +17,11 @@ from cvsi.captioner import Blip2Captioner, caption_images
 from cvsi.llm import ChatClient, LLMError
 from cvsi.loopback import LoopbackChatServer, chat_reply
 from cvsi.phi import Phi, save_phi
-from cvsi.pipeline import load_tasks
 from data_utils import build_transform, load_image
+from datasets import get_dataset
+from metrics import circo_metrics
 from model import create_backbone
+from retrieval import topk_retrieval
 from synthetic import make_synthetic_circo
 
 transformers = pytest.importorskip("transformers")
@@ -151,7 +153,7 @@ def test_llm_failures_stop_the_run_unless_allowed(circo_setup, tmp_path):
             zero_shot_cvsi.main(_args(root, phi, tmp_path, *captions, *llm))
         failures = json.loads((tmp_path / "run" / "llm_failures_circo_val.json").read_text())
         assert failures and {"query_id", "kind", "index", "error"} == set(failures[0])
-        queries = load_tasks("circo", root, "val")[0].queries
+        queries = get_dataset("circo").tasks(root, "val")[0].queries
         removing = {q.query_id for q in queries if "remove" in q.caption}
         assert {f["query_id"] for f in failures} == removing and 0 < len(removing) < len(queries)
         requests = server.requests
@@ -189,7 +191,7 @@ def test_test_split_writes_a_checked_circo_submission_and_ablations(circo_setup,
 
 def _image_only_metrics(root: Path) -> dict[str, float]:
     """CIRCO val metrics of q = f_v(reference), t = f_v(target), computed here without the pipeline."""
-    task = load_tasks("circo", root, "val")[0]
+    task = get_dataset("circo").tasks(root, "val")[0]
     utils.set_seed(0)  # the run's seed: the same random CLIP weights
     backbone = create_backbone(CLIP).eval()
     transform = build_transform("targetpad", backbone.image_size)  # the option's default
@@ -199,18 +201,18 @@ def _image_only_metrics(root: Path) -> dict[str, float]:
             images = torch.stack([transform(load_image(task.image_path(n))) for n in names])
             return torch.nn.functional.normalize(backbone.encode_image(images).embeds.float(), dim=-1)
 
-    _, top = utils.topk_retrieval(encode([q.reference for q in task.queries]), encode(task.gallery), 50)
+    _, top = topk_retrieval(encode([q.reference for q in task.queries]), encode(task.gallery), 50)
     ranked = [[task.gallery[i] for i in row] for row in top.tolist()]
-    return utils.circo_metrics(ranked, [q.gt for q in task.queries], [q.target for q in task.queries],
+    return circo_metrics(ranked, [q.gt for q in task.queries], [q.target for q in task.queries],
                                [q.aspects for q in task.queries])
 
 
 def test_fine_grained_features_are_recomputed_when_the_transform_changes(circo_setup, tmp_path, monkeypatch):
     _, root, phi, _ = circo_setup
-    import cvsi.pipeline as pipeline
+    import cvsi.features as features
     calls = []
-    original = pipeline.encode_with_pseudo_words
-    monkeypatch.setattr(pipeline, "encode_with_pseudo_words", lambda *a, **k: calls.append(1) or original(*a, **k))
+    original = features.encode_with_pseudo_words
+    monkeypatch.setattr(features, "encode_with_pseudo_words", lambda *a, **k: calls.append(1) or original(*a, **k))
     captions = ["--captions_file", str(root / "image_captions" / "unlabeled2017.json"), "--num_captions", "2"]
     with LoopbackChatServer(demo.synthetic_editor) as server:
         llm = ["--llm_base_url", server.base_url, "--llm_model", "m"]
@@ -227,6 +229,28 @@ def test_fine_grained_features_are_recomputed_when_the_transform_changes(circo_s
         run("targetpad")
         assert calls  # other preprocessing of the reference images: q_f computed again, not read from the cache
     assert len(list((tmp_path / "cache" / "fine_grained_features").iterdir())) == 2
+
+
+def test_image_features_are_recomputed_when_the_transform_code_changes(circo_setup, tmp_path, monkeypatch):
+    _, root, _, _ = circo_setup
+    import cvsi.features as features
+    import cvsi.pipeline as pipeline
+    encoded = []
+    original = features.ImageFiles
+    monkeypatch.setattr(features, "ImageFiles", lambda keys, *a: encoded.append(len(keys)) or original(keys, *a))
+    args = ["--dataset", "circo", "--data_root", str(root), "--clip_model_name", CLIP, "--pretrained", "none",
+            "--alpha", "0", "--beta", "0", "--drop", "semantic", "--cache_dir", str(tmp_path / "cache"),
+            "--output_dir", str(tmp_path / "run")]
+    first = zero_shot_cvsi.main(args)["metrics"]["CVSI"]
+    assert encoded[-1] > 0
+    zero_shot_cvsi.main(args)
+    assert encoded[-1] == 0  # cached
+    monkeypatch.setattr(pipeline, "TRANSFORM_REVISION", pipeline.TRANSFORM_REVISION + 1)
+    assert zero_shot_cvsi.main(args)["metrics"]["CVSI"] == first  # same transform output here, ...
+    assert encoded[-1] > 0  # ... but a new revision of its code is not trusted to give the cached features
+    identities = [json.loads(p.read_text()) for p in (tmp_path / "cache" / "image_features").glob("*/identity.json")]
+    assert sorted(i["transform_revision"] for i in identities) == [pipeline.TRANSFORM_REVISION - 1,
+                                                                   pipeline.TRANSFORM_REVISION]
 
 
 def test_demo_runs_end_to_end(tmp_path, capsys):

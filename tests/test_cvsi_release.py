@@ -13,17 +13,19 @@ import torch.nn.functional as F
 from PIL import Image
 
 import zero_shot_cvsi
+from cvsi.params import build_parser
 from cvsi import demo
 from cvsi.captioner import Blip2Captioner
-from cvsi.fusion import PRESETS, FusionWeights, fuse_target, ranking_features, scored_t_c
+from cvsi.fusion import PRESETS, Components, FusedRetrieval, FusionWeights, fuse_target, ranking_target, scored_t_c
 from cvsi.imports import read_caption_sets
 from cvsi.llm import LLMError
 from cvsi.loopback import LoopbackChatServer, Reply, chat_reply
 from cvsi.phi import Phi, save_phi
-from cvsi.pipeline import Query, Task, evaluate, load_tasks
 from cvsi.presets import RELEASE_STOP, apply_preset
 from cvsi.prompts import MODIFY_PROMPT, build_messages, parse_raw_answer, select_template
 from data_utils import DataError
+from datasets import Query, RetrievalTask, get_dataset
+from evaluation import evaluate
 from model import create_backbone
 from synthetic import CAPTIONS_DIR, make_synthetic_circo
 from test_cvsi_pipeline import tiny_blip2  # noqa: F401 (fixture: a tiny random BLIP-2 on disk)
@@ -33,7 +35,7 @@ CLIP = "ViT-Tiny-P8-32"
 
 # ------------------------------------------------------------------------------------------ presets
 def _parse(*extra):
-    return zero_shot_cvsi.build_parser().parse_args(["--dataset", "circo", "--data_root", "x", *extra])
+    return build_parser().parse_args(["--dataset", "circo", "--data_root", "x", *extra])
 
 
 def test_presets_fill_only_the_options_left_unset():
@@ -134,7 +136,7 @@ def test_release_llm_step_raw_answers_and_fallback_to_reference_captions(circo, 
     gallery_captions = json.loads(gallery_file.read_text())
     captions_of = {name: captions[:3] for name, captions in zip(gallery_captions["index_names"],
                                                                 gallery_captions["target_captions"])}
-    queries = load_tasks("circo", root, "val")[0].queries
+    queries = get_dataset("circo").tasks(root, "val")[0].queries
     failing = {q.caption for q in queries if "remove" in q.caption}
     assert 0 < len(failing) < len(queries)
 
@@ -207,7 +209,7 @@ def test_release_captioning_samples_within_beams_and_continues_the_prompt(tiny_b
 
 def test_release_preset_builds_the_captioner_as_the_release(circo, tiny_blip2, tmp_path, monkeypatch):  # noqa: F811
     root, phi = circo
-    import cvsi.pipeline as pipeline
+    import cvsi.semantics as semantics
     built = {}
 
     class Stop(Exception):
@@ -217,7 +219,7 @@ def test_release_preset_builds_the_captioner_as_the_release(circo, tiny_blip2, t
         built.update(kwargs)
         raise Stop
 
-    monkeypatch.setattr(pipeline, "Blip2Captioner", record)
+    monkeypatch.setattr(semantics, "Blip2Captioner", record)
     with pytest.raises(Stop):
         zero_shot_cvsi.main(_args(root, phi, tmp_path, "--captioner", str(tiny_blip2), "--preset", "release",
                                   "--alpha", "0", "--beta", "0"))
@@ -284,7 +286,7 @@ def test_reference_and_gallery_captions_are_separate_sets(tmp_path):
 def test_pipeline_uses_release_pickles_in_their_roles(circo, tmp_path):
     root, phi = circo
     data = json.loads((root / CAPTIONS_DIR / "unlabeled2017.json").read_text())
-    task = load_tasks("circo", root, "val")[0]
+    task = get_dataset("circo").tasks(root, "val")[0]
     assert data["index_names"] == task.gallery
     _release_gallery_pickle(tmp_path / "gallery.pkl", task.gallery, data["target_captions"], batch_size=4)
     reference_lists = [[f"reference sample {i} of {q.reference}"] for i, q in enumerate(task.queries)]
@@ -330,16 +332,18 @@ def test_paper_and_release_scoring_rank_a_hand_made_case_differently():
     assert cosine[0] > cosine[1] and dot[0] < dot[1] and dot_unit_t_c[0] > dot_unit_t_c[1]
 
     def best(scoring, dataset):
-        q, t = ranking_features(q_v, fuse_target(weights, scored_t_c(t_c, scoring, dataset), t_v), scoring)
-        return (q @ t.T).argmax().item()
+        unit = PRESETS[dataset].release_unit_t_c
+        t = ranking_target(fuse_target(weights, scored_t_c(t_c, scoring, unit), t_v), scoring)
+        return (F.normalize(q_v, dim=-1) @ t.T).argmax().item()
 
     assert [best("paper", d) for d in ("circo", "cirr", "fashioniq")] == [0, 0, 0]
     assert [best("release", d) for d in ("circo", "cirr", "fashioniq")] == [1, 1, 0]
-    torch.testing.assert_close(scored_t_c(t_c, "paper", "fashioniq"), t_c)  # Eq. 7: the mean, as it is
+    torch.testing.assert_close(scored_t_c(t_c, "paper", True), t_c)  # Eq. 7: the mean, as it is
 
     # The metric code sees the same difference: the ground truth A is ranked 1st (AP 1) or 2nd (AP 1/2).
-    task = Task("circo", "circo", "val", Path("."), ["A", "B"], [Query("0", "ref", "T", "A", ["A"], [])],
-                lambda name: Path(name), [])
-    target = fuse_target(weights, t_c, t_v)
-    assert evaluate(task, q_v, target, "paper")["mAP@5"] == pytest.approx(100.0)
-    assert evaluate(task, q_v, target, "release")["mAP@5"] == pytest.approx(50.0)
+    task = RetrievalTask("circo", "circo", "val", Path("."), ["A", "B"], [Query("0", "ref", "T", "A", ["A"], [])],
+                         lambda name: Path(name), [])
+    components = {"circo": Components(q_v=q_v, t_c=t_c, t_v=t_v)}
+    for scoring, expected in (("paper", 100.0), ("release", 50.0)):
+        method = FusedRetrieval("CVSI", weights, components, scoring)
+        assert evaluate(method, [task], "circo")["mAP@5"] == pytest.approx(expected)
