@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from training import main_for
+from training.main import main_for
 
 
 def main(argv: Sequence[str] | None = None) -> Path:

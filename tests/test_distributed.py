@@ -121,8 +121,8 @@ def test_torchrun_two_cpu_processes_train_and_only_rank0_writes(tmp_path):
     import subprocess
     import sys
 
+    from checkpoint import load_checkpoint
     from synthetic import make_synthetic_cirr
-    import utils
 
     root = make_synthetic_cirr(tmp_path / "data", seed=5, num_train=64, num_val=16, num_test=8)
     output = tmp_path / "run"
@@ -139,7 +139,7 @@ def test_torchrun_two_cpu_processes_train_and_only_rank0_writes(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     records = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
     assert sum("val/R@1" in r for r in records) == 2  # rank 0 validates, once per epoch
-    checkpoint = utils.load_checkpoint(output / "checkpoints" / "last.pt")
+    checkpoint = load_checkpoint(output / "checkpoints" / "last.pt")
     assert checkpoint["sampler"]["num_replicas"] == WORLD_SIZE
     assert checkpoint["global_step"] == 2 * (64 // (WORLD_SIZE * 8))
     assert (output / "summary.json").is_file() and not list(output.glob("*rank1*"))

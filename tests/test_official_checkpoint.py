@@ -18,14 +18,15 @@ from PIL import Image
 from transformers import CLIPConfig, CLIPModel, CLIPTextModelWithProjection, CLIPVisionModelWithProjection
 
 import convert_official_checkpoint
+import inference
 import retrieve
 import train_cirr
-import training
 import utils
 from model import build_ssn_model, hf_clip, ssn_loss, ssn_model_from_checkpoint
 from model.official import OfficialCheckpointError, official_state_dict, ssn_model_from_official
 from synthetic import make_synthetic_cirr
 from tests.reference.official_ssn import OfficialSSN
+from training.model_setup import initial_model
 
 ROOT = Path(__file__).resolve().parents[1]
 WIDTH, VISION_WIDTH, IMAGE, PATCH = 128, 192, 32, 8
@@ -111,7 +112,7 @@ def test_converted_checkpoint_serves_inference_scripts(official, tmp_path):
     model, path, config = official
     output = tmp_path / "converted.pt"
     assert _convert(path, config, output) == 0
-    trained = training.load_trained_model(output, torch.device("cpu"))
+    trained = inference.load_trained_model(output, torch.device("cpu"))
     assert trained.dataset == "cirr" and trained.train_args["transform"] == "clip"
     assert trained.model.backbone.image_size == IMAGE
 
@@ -157,13 +158,13 @@ def test_initial_model_tells_project_checkpoints_from_open_clip_weights(official
     weights = tmp_path / "open_clip.pt"
     torch.save(open_clip.create_model("ViT-Tiny-P8-32").state_dict(), weights)
     args = argparse.Namespace(clip_model_name="ViT-Tiny-P8-32", nhead=8)
-    from_weights = training.initial_model(args, str(weights), torch.device("cpu"))
+    from_weights = initial_model(args, str(weights), torch.device("cpu"))
     assert from_weights.backbone.model_name == "ViT-Tiny-P8-32"
     assert torch.equal(from_weights.backbone.clip.token_embedding.weight, torch.load(weights)["token_embedding.weight"])
-    from_checkpoint = training.initial_model(args, str(converted), torch.device("cpu"))
+    from_checkpoint = initial_model(args, str(converted), torch.device("cpu"))
     assert from_checkpoint.config() == utils.load_checkpoint(converted)["model_config"]
     with pytest.raises(ValueError, match="--nhead 4 differs from the 8 heads of --pretrained"):
-        training.initial_model(argparse.Namespace(clip_model_name="ViT-Tiny-P8-32", nhead=4), str(converted), "cpu")
+        initial_model(argparse.Namespace(clip_model_name="ViT-Tiny-P8-32", nhead=4), str(converted), "cpu")
 
 
 def test_hugging_face_directory_as_pretrained_backbone(official, tmp_path):

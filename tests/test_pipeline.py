@@ -11,6 +11,8 @@ import train_cirr
 import train_fiq
 import utils
 import validate
+from checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from evaluation import ModelRetrieval
 from model import CheckpointMismatchError
 from synthetic import make_synthetic_cirr, make_synthetic_fashioniq
 
@@ -44,7 +46,7 @@ def test_training_writes_run_outputs_and_the_loss_decreases(cirr_run):
 
 
 def test_checkpoint_holds_config_and_state(cirr_run):
-    checkpoint = utils.load_checkpoint(cirr_run / "checkpoints" / "last.pt")
+    checkpoint = load_checkpoint(cirr_run / "checkpoints" / "last.pt")
     assert checkpoint["model_config"]["clip_model_name"] == "ViT-Tiny-P8-32"
     assert checkpoint["model_config"]["text_width"] == 64
     assert checkpoint["epoch"] == 3 and checkpoint["dataset"] == "cirr"
@@ -57,7 +59,7 @@ def test_validate_rebuilds_the_model_from_the_checkpoint(cirr_run, tmp_path):
                              "--output", str(output)])
     assert set(results) == {"ssn", "image", "text", "sum"}
     saved = json.loads(output.read_text())["metrics"]
-    best = utils.load_checkpoint(cirr_run / "checkpoints" / "best.pt")["best_metrics"]
+    best = load_checkpoint(cirr_run / "checkpoints" / "best.pt")["best_metrics"]
     # Validation of the saved weights reproduces the metrics measured during training.
     for key in ("R@1", "R@5", "Rs@1", "Avg"):
         assert saved["ssn"][key] == pytest.approx(best[key], abs=1e-6)
@@ -81,7 +83,7 @@ def test_submission_files_are_complete_and_checked(cirr_run, cirr_root, tmp_path
 def test_resume_continues_from_the_last_checkpoint(cirr_run, cirr_root, tmp_path):
     run_dir = train_cirr.main(["--data_root", str(cirr_root), *TINY, "--num_epochs", "4", "--batch_size", "32",
                                "--resume", str(cirr_run / "checkpoints" / "last.pt"), "--output_dir", str(tmp_path)])
-    checkpoint = utils.load_checkpoint(run_dir / "checkpoints" / "last.pt")
+    checkpoint = load_checkpoint(run_dir / "checkpoints" / "last.pt")
     assert checkpoint["epoch"] == 4 and checkpoint["global_step"] == 24
 
 
@@ -108,8 +110,8 @@ def test_fashioniq_training_and_validation(tmp_path):
                                     num_test_per_category=4)
     run_dir = train_fiq.main(["--data_root", str(root.parent), *TINY, "--num_epochs", "2", "--batch_size", "24",
                               "--save_training", "--output_dir", str(tmp_path / "run")])
-    first = utils.load_checkpoint(run_dir / "checkpoints" / "epoch_1.pt")
-    second = utils.load_checkpoint(run_dir / "checkpoints" / "epoch_2.pt")
+    first = load_checkpoint(run_dir / "checkpoints" / "epoch_1.pt")
+    second = load_checkpoint(run_dir / "checkpoints" / "epoch_2.pt")
     assert second["dataset"] == "fashioniq"
     # The FashionIQ recipe freezes the vision tower from the second epoch: only text tower and head move.
     vision = [k for k in first["model"] if ".visual." in k]
@@ -123,7 +125,8 @@ def test_fashioniq_training_and_validation(tmp_path):
 
 def test_the_ssn_readme_command_is_accepted(cirr_root):
     """The official training command (SSN README) parses as written, and its widths fit ViT-B-32."""
-    from training import check_official_dims, build_train_parser
+    from training.model_setup import check_official_dims
+    from training.params import build_train_parser
     from model import build_ssn_model
 
     command = ("--dataset CIRR --model ssn --project_name xxx --workspace xxx --projection_dim 512 --hidden_dim 512 "
@@ -135,8 +138,6 @@ def test_the_ssn_readme_command_is_accepted(cirr_root):
 
 
 def test_validation_reuses_cached_gallery_features(cirr_run, tmp_path, monkeypatch):
-    import evaluation
-
     argv = ["--checkpoint", str(cirr_run / "checkpoints" / "best.pt"), "--output", str(tmp_path / "v.json")]
     first = validate.main(argv)
     assert list((cirr_run / "feature_cache").glob("gallery_*.pt"))
@@ -144,7 +145,7 @@ def test_validation_reuses_cached_gallery_features(cirr_run, tmp_path, monkeypat
     def no_encoding(*args, **kwargs):
         raise AssertionError("the gallery was encoded again")
 
-    monkeypatch.setattr(evaluation.ModelRetrieval, "encode_gallery", no_encoding)
+    monkeypatch.setattr(ModelRetrieval, "encode_gallery", no_encoding)
     assert validate.main(argv) == first
     with pytest.raises(AssertionError, match="encoded again"):
         validate.main(argv + ["--no_cache"])
@@ -171,7 +172,7 @@ def test_secrets_stay_out_of_recorded_arguments(cirr_root, tmp_path):
                                "--api_key", "SECRET-KEY", "--output_dir", str(tmp_path)])
     for path in [run_dir / "args.json", run_dir / "report.md"]:
         assert "SECRET-KEY" not in path.read_text()
-    assert "api_key" not in utils.load_checkpoint(run_dir / "checkpoints" / "last.pt")["args"]
+    assert "api_key" not in load_checkpoint(run_dir / "checkpoints" / "last.pt")["args"]
 
 
 def test_bad_flags_are_rejected_before_training(cirr_root, tmp_path):
@@ -182,14 +183,14 @@ def test_bad_flags_are_rejected_before_training(cirr_root, tmp_path):
 
 
 def test_incomplete_checkpoints_name_the_file(cirr_run, tmp_path):
-    checkpoint = utils.load_checkpoint(cirr_run / "checkpoints" / "last.pt")
+    checkpoint = load_checkpoint(cirr_run / "checkpoints" / "last.pt")
     del checkpoint["optimizer"], checkpoint["dataset"]
     broken = tmp_path / "broken.pt"
-    utils.save_checkpoint(broken, checkpoint)
+    save_checkpoint(broken, checkpoint)
     with pytest.raises(CheckpointMismatchError, match="broken.pt.*missing optimizer"):
         train_cirr.main(["--data_root", str(cirr_root_of(cirr_run)), *TINY, "--resume", str(broken),
                          "--output_dir", str(tmp_path / "o")])
-    with pytest.raises(utils.CheckpointError, match="broken.pt: no training dataset"):
+    with pytest.raises(CheckpointError, match="broken.pt: no training dataset"):
         validate.main(["--checkpoint", str(broken)])
 
 

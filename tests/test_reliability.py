@@ -26,13 +26,18 @@ import torch
 
 import cirr_test_submission
 import train_cirr
-import training
 import utils
 import validate
-from data_utils import CIRRDataset, DataError, read_json
+from checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from data_utils import CIRRDataset, DataError, build_transform, collate_batch, read_json
+import model.loss
 from model import CheckpointMismatchError, build_ssn_model, ssn_loss_terms
+from model.loss import create_loss
 from synthetic import make_synthetic_cirr
-from training import NonFiniteLossError, ResumableSampler, TrainState, train_one_epoch
+from training.resilience import NonFiniteLossError
+from training.sampler import ResumableSampler
+from training.state import TrainState
+from training.train import train_one_epoch
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS_PER_EPOCH = 6
@@ -102,7 +107,7 @@ def wait_for_checkpoint(process: subprocess.Popen, path: Path, log: Path, mid_ep
         if process.poll() is not None:
             pytest.fail(f"training exited ({process.returncode}) before a checkpoint appeared:\n{log.read_text()[-3000:]}")
         if path.is_file():
-            checkpoint = utils.load_checkpoint(path)  # atomic writes: never a half-written file
+            checkpoint = load_checkpoint(path)  # atomic writes: never a half-written file
             if not mid_epoch or 0 < checkpoint["step_in_epoch"] < STEPS_PER_EPOCH:
                 return checkpoint
         time.sleep(0.02)
@@ -125,8 +130,8 @@ def leaves(obj: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
 def assert_same_run(expected_dir: Path, actual_dir: Path) -> int:
     """Final checkpoints equal tensor for tensor (weights, optimiser, scheduler, scaler, RNGs, position),
     same best metrics, summary and logged metrics; returns the number of tensors compared."""
-    expected = utils.load_checkpoint(expected_dir / "checkpoints" / "last.pt")
-    actual = utils.load_checkpoint(actual_dir / "checkpoints" / "last.pt")
+    expected = load_checkpoint(expected_dir / "checkpoints" / "last.pt")
+    actual = load_checkpoint(actual_dir / "checkpoints" / "last.pt")
     expected.pop("args"), actual.pop("args")  # output_dir / resume differ by design
     expected_leaves, actual_leaves = dict(leaves(expected)), dict(leaves(actual))
     assert expected_leaves.keys() == actual_leaves.keys()
@@ -187,7 +192,7 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted_run(data, reference
         assert process.wait(timeout=60) == -signal.SIGKILL
     finally:
         process.kill()
-    killed_at = utils.load_checkpoint(run / "checkpoints" / "last.pt")
+    killed_at = load_checkpoint(run / "checkpoints" / "last.pt")
     assert killed_at["global_step"] < EPOCHS * STEPS_PER_EPOCH and not (run / "summary.json").exists()
 
     train_cirr.main(train_args(data, run, "--resume", str(run / "checkpoints" / "last.pt")))
@@ -207,15 +212,15 @@ def test_sigterm_in_process_checkpoints_at_step_boundary_and_resumes_exactly(dat
         return ssn_loss_terms(*args, **kwargs)
 
     previous_handler = signal.getsignal(signal.SIGTERM)
-    monkeypatch.setattr(training, "ssn_loss_terms", loss_then_signal)
+    monkeypatch.setattr(model.loss, "ssn_loss_terms", loss_then_signal)
     run = train_cirr.main(train_args(data, tmp_path / "run"))
     assert signal.getsignal(signal.SIGTERM) is previous_handler  # handlers restored
-    stopped = utils.load_checkpoint(run / "checkpoints" / "last.pt")
+    stopped = load_checkpoint(run / "checkpoints" / "last.pt")
     assert (stopped["epoch"], stopped["step_in_epoch"], stopped["global_step"]) == (0, 3, 3)
     assert "stopped by SIGTERM at epoch 1, step 3 of 6" in (run / "log.txt").read_text()
     assert not (run / "summary.json").exists()
 
-    monkeypatch.setattr(training, "ssn_loss_terms", ssn_loss_terms)
+    monkeypatch.setattr(model.loss, "ssn_loss_terms", ssn_loss_terms)
     train_cirr.main(train_args(data, run, "--resume", str(run / "checkpoints" / "last.pt")))
     assert_same_run(reference_run, run)
 
@@ -230,7 +235,7 @@ def test_sigterm_subprocess_writes_checkpoint_and_exits_zero(data, tmp_path):
         assert process.wait(timeout=120) == 0, log.read_text()[-3000:]
     finally:
         process.kill()
-    last = utils.load_checkpoint(run / "checkpoints" / "last.pt")
+    last = load_checkpoint(run / "checkpoints" / "last.pt")
     assert last["global_step"] >= first["global_step"]
     assert "stopped by SIGTERM" in (run / "log.txt").read_text()
     assert not (run / "summary.json").exists()
@@ -248,15 +253,15 @@ def test_resume_with_another_backbone_or_head_names_the_mismatch(data, reference
 
 
 def test_validate_rejects_foreign_and_mismatched_checkpoints(reference_run, tmp_path):
-    checkpoint = utils.load_checkpoint(reference_run / "checkpoints" / "last.pt")
+    checkpoint = load_checkpoint(reference_run / "checkpoints" / "last.pt")
     # model_config claims another backbone than the weights are: one message, not a stack of keys
     lying = {**checkpoint, "model_config": build_ssn_model("ViT-Tiny-P16-64").config()}
-    utils.save_checkpoint(tmp_path / "lying.pt", lying)
+    save_checkpoint(tmp_path / "lying.pt", lying)
     with pytest.raises(CheckpointMismatchError, match=r"weights do not fit.*class_embedding: checkpoint \(64,\), model \(96,\)"):
         validate.main(["--checkpoint", str(tmp_path / "lying.pt"), "--output", str(tmp_path / "v.json")])
     # a bare state dict (e.g. another code base's checkpoint)
     torch.save(checkpoint["model"], tmp_path / "bare.pt")
-    with pytest.raises(utils.CheckpointError, match="not a checkpoint written by save_checkpoint"):
+    with pytest.raises(CheckpointError, match="not a checkpoint written by save_checkpoint"):
         validate.main(["--checkpoint", str(tmp_path / "bare.pt"), "--output", str(tmp_path / "v.json")])
     assert not (tmp_path / "v.json").exists()
 
@@ -284,7 +289,7 @@ def test_persistent_nan_stops_and_keeps_last_good_checkpoint(data, tmp_path, mon
     run = tmp_path / "run"
     with pytest.raises(NonFiniteLossError, match="3 consecutive non-finite steps .* at step 5"):
         train_cirr.main(train_args(data, run, "--checkpoint_every", "1", "--max_nonfinite_steps", "3"))
-    last = utils.load_checkpoint(run / "checkpoints" / "last.pt")
+    last = load_checkpoint(run / "checkpoints" / "last.pt")
     assert last["global_step"] == 2  # written after step 2, not replaced during the NaN streak
     assert all(torch.isfinite(v).all() for v in last["model"].values() if v.is_floating_point())
     log = (run / "log.txt").read_text()
@@ -294,7 +299,7 @@ def test_persistent_nan_stops_and_keeps_last_good_checkpoint(data, tmp_path, mon
 def test_single_nan_batch_is_skipped_and_training_continues(data, tmp_path, monkeypatch):
     nan_reference_images(monkeypatch, range(8, 16))  # step 2 only
     run = train_cirr.main(train_args(data, tmp_path / "run", "--max_nonfinite_steps", "2", epochs=1))
-    last = utils.load_checkpoint(run / "checkpoints" / "last.pt")
+    last = load_checkpoint(run / "checkpoints" / "last.pt")
     assert last["global_step"] == STEPS_PER_EPOCH and last["epoch_samples"] == 0  # epoch closed
     assert all(torch.isfinite(v).all() for v in last["model"].values() if v.is_floating_point())
     assert (run / "log.txt").read_text().count("step skipped") == 1
@@ -308,19 +313,19 @@ def test_amp_path_lets_grad_scaler_skip_and_stops_after_k(data):
     model = build_ssn_model("ViT-Tiny-P8-32")
     optimizer = model.configure_optimizers(1e-3, 0.2, "adamw")
     scaler = torch.amp.GradScaler("cpu", enabled=True)
-    dataset = CIRRDataset(data, "train", "relative", training.build_transform("clip", 32))
-    batch = training.collate_batch([dataset[i] for i in range(4)])
+    dataset = CIRRDataset(data, "train", "relative", build_transform("clip", 32))
+    batch = collate_batch([dataset[i] for i in range(4)])
     poisoned = {**batch, "reference_image": torch.full_like(batch["reference_image"], float("nan"))}
     state = TrainState()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     scale = scaler.get_scale()
-    train_one_epoch(model, [poisoned, batch], optimizer, scaler, state, torch.device("cpu"), "fp32", 1.0, None, 2)
+    train_one_epoch(model, [poisoned, batch], optimizer, scaler, state, torch.device("cpu"), "fp32", create_loss("ssn"), None, 2)
     assert scaler.get_scale() == scale / 2  # one overflow: skipped, scale lowered
     assert state.nonfinite_steps == 0 and state.epoch_samples == 4 and state.global_step == 2
     after_good = {k: v.clone() for k, v in model.state_dict().items()}
     assert any(not torch.equal(before[k], after_good[k]) for k in before)  # the good step did update
     with pytest.raises(NonFiniteLossError, match="2 consecutive"):
-        train_one_epoch(model, [poisoned] * 3, optimizer, scaler, state, torch.device("cpu"), "fp32", 1.0, None, 2)
+        train_one_epoch(model, [poisoned] * 3, optimizer, scaler, state, torch.device("cpu"), "fp32", create_loss("ssn"), None, 2)
     assert all(torch.equal(after_good[k], v) for k, v in model.state_dict().items())
 
 
@@ -350,7 +355,7 @@ def test_skip_bad_samples_counts_and_lists_every_skip(data_copy, tmp_path):
     assert all(file_name in sample["error"] and sample["epoch"] == 0 for sample in report["samples"])
     log = (run / "log.txt").read_text()
     assert log.count("skipping training sample") == uses and f"{uses} training sample(s) skipped" in log
-    assert utils.load_checkpoint(run / "checkpoints" / "last.pt")["bad_samples"] == report["samples"]
+    assert load_checkpoint(run / "checkpoints" / "last.pt")["bad_samples"] == report["samples"]
 
 
 def test_missing_images_are_all_reported_before_training(data_copy, tmp_path):

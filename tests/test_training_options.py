@@ -8,10 +8,10 @@ import pytest
 import torch
 
 import train_cirr
-import training
 import utils
 from model import build_ssn_model, ssn_loss
 from synthetic import make_synthetic_cirr
+from training.model_setup import compile_for_training
 
 TINY = ["--clip_model_name", "ViT-Tiny-P8-32", "--pretrained", "none", "--transform", "clip", "--num_workers", "0",
         "--num_epochs", "1", "--batch_size", "16", "--lr", "1e-3"]
@@ -67,7 +67,7 @@ def test_compile_for_training_keeps_parameter_names(monkeypatch):
     monkeypatch.setattr(torch, "compile", lambda fn, *args, **kwargs: fn)  # the probe passes without compiling
     compiled = []
     monkeypatch.setattr(model, "compile", lambda *args, **kwargs: compiled.append(True))
-    assert training.compile_for_training(model, torch.device("cpu"))
+    assert compile_for_training(model, torch.device("cpu"))
     assert compiled == [True] and list(model.state_dict()) == names
 
 

@@ -18,16 +18,25 @@ import pytest
 import torch
 
 import cirr_test_submission
+import evaluation
 import retrieve
 import train_cirr
-import training
+import training.params
+import training.train
+import training.validation
 import utils
 import validate
+from checkpoint import CheckpointSaver, atomic_link_or_copy, load_checkpoint
 from data_utils import CIRRDataset, build_transform, collate_batch
+from datasets import get_dataset
 from model import build_ssn_model
+from model.loss import create_loss
 from precision import PRECISIONS, effective_precision
 from synthetic import make_synthetic_cirr
-from training import NonFiniteLossError, TrainState, train_one_epoch
+from training.resilience import NonFiniteLossError
+from training.state import TrainState
+from training.train import train_one_epoch
+from training.validation import validation_due
 from tests.reference.official_training import official_best_epochs, official_validated_epochs
 
 TINY = ["--clip_model_name", "ViT-Tiny-P8-32", "--pretrained", "none", "--transform", "clip", "--num_workers", "0",
@@ -60,7 +69,7 @@ def scripted_run(cirr_root: Path, tmp_path_factory: pytest.TempPathFactory) -> P
     """A tiny CIRR run whose validations return SCRIPTED_RECALLS in turn (the training itself is real)."""
     results = iter(SCRIPTED_RECALLS)
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(training, "evaluate", lambda *args, **kwargs: cirr_validation(next(results)))
+        patch.setattr(training.validation, "evaluate", lambda *args, **kwargs: cirr_validation(next(results)))
         return train_cirr.main(["--data_root", str(cirr_root), *TINY, "--num_epochs", str(EPOCHS),
                                 "--validation_frequency", str(FREQUENCY), "--save_best", "--best_metric", "harmonic_mean",
                                 "--output_dir", str(tmp_path_factory.mktemp("run"))])
@@ -79,19 +88,19 @@ def test_cirr_keeps_the_official_three_best_checkpoints(scripted_run: Path):
     checkpoints = scripted_run / "checkpoints"
     ours = {"arithmetic": "best_mean.pt", "harmonic": "best_harmonic.pt", "geometric": "best_geometric.pt"}
     for name, file in ours.items():
-        assert utils.load_checkpoint(checkpoints / file)["epoch"] == official[name] + 1, file
+        assert load_checkpoint(checkpoints / file)["epoch"] == official[name] + 1, file
 
 
 def test_best_pt_follows_best_metric_and_equal_states_are_stored_once(scripted_run: Path):
     checkpoints = scripted_run / "checkpoints"
-    best = utils.load_checkpoint(checkpoints / "best.pt")
+    best = load_checkpoint(checkpoints / "best.pt")
     harmonic = statistics.harmonic_mean(SCRIPTED_RECALLS[-1])
     assert best["best_metric"] == pytest.approx(harmonic) and best["best_by"]["harmonic_mean"]["epoch"] == EPOCHS
     inode = {name: (checkpoints / name).stat().st_ino for name in ("best.pt", "best_mean.pt", "best_harmonic.pt", "best_geometric.pt")}
     # The last validation is best by harmonic and geometric mean: one file under three names.
     assert inode["best.pt"] == inode["best_harmonic.pt"] == inode["best_geometric.pt"] != inode["best_mean.pt"]
     # best_mean.pt was linked to best_geometric.pt before the last validation replaced the latter: still intact.
-    assert utils.load_checkpoint(checkpoints / "best_mean.pt")["epoch"] == 3
+    assert load_checkpoint(checkpoints / "best_mean.pt")["epoch"] == 3
 
 
 def test_summary_and_report_name_the_selection(scripted_run: Path):
@@ -105,24 +114,48 @@ def test_summary_and_report_name_the_selection(scripted_run: Path):
     assert f"| best mean | {statistics.mean(SCRIPTED_RECALLS[1]):.2f} (epoch 3) |" in report
 
 
-def test_best_metric_choices_per_dataset():
-    assert training.build_train_parser("cirr").parse_args(["--data_root", "x"]).best_metric == "mean"
+def test_best_metric_choices_per_dataset(tmp_path: Path):
+    assert training.params.build_train_parser("cirr").parse_args(["--data_root", "x"]).best_metric == "mean"
     with pytest.raises(SystemExit):
-        training.build_train_parser("fashioniq").parse_args(["--data_root", "x", "--best_metric", "harmonic_mean"])
+        training.params.build_train_parser("fashioniq").parse_args(["--data_root", "x", "--best_metric", "harmonic_mean"])
+
+    def best_files(dataset: str, improved: list[str]) -> list[str]:
+        """The files a validation improving ``improved`` replaces in a --save_best run selecting by 'mean'."""
+        saver = CheckpointSaver(tmp_path / dataset, dict, best_criterion="mean",
+                                criterion_files=get_dataset(dataset).criterion_files, save_best=True)
+        return saver.best_files(improved)
+
     # FashionIQ keeps its single metric and file.
-    assert training.best_checkpoint_files("fashioniq", ["mean"], "mean") == ["best.pt"]
-    assert training.best_checkpoint_files("cirr", ["geometric_mean"], "mean") == ["best_geometric.pt"]
+    assert best_files("fashioniq", ["mean"]) == ["best.pt"]
+    assert best_files("cirr", ["geometric_mean"]) == ["best_geometric.pt"]
     with pytest.raises(ValueError, match="fashioniq checkpoints are selected by one of"):
-        utils.best_metric({"mean": 1.0, "harmonic_mean": 1.0}, "fashioniq", "harmonic_mean")
+        get_dataset("fashioniq").score({"mean": 1.0, "harmonic_mean": 1.0}, "harmonic_mean")
+
+
+@pytest.mark.parametrize("dataset", ["cirr", "fashioniq"])
+def test_parser_defaults_are_the_registry_recipe_and_shown_in_help(dataset: str):
+    spec = get_dataset(dataset)
+    parser = training.params.build_train_parser(dataset)
+    args = parser.parse_args(["--data_root", "x"])
+    assert {key: getattr(args, key) for key in spec.train_defaults} == dict(spec.train_defaults)
+    assert get_dataset(args.dataset) is spec and hasattr(args, "dress_types") == bool(spec.categories)
+    options = {block.split()[0]: " ".join(block.split()) for block in parser.format_help().split("\n  --")[1:]}
+    for key, value in spec.train_defaults.items():
+        assert f"(default: {value})" in options[key], key
+    # The official --dataset flag takes any spelling of this script's dataset, and no other dataset.
+    other = next(name for name in ("cirr", "fashioniq") if name != dataset)
+    assert training.params.parse_train_args(dataset, ["--data_root", "x", "--dataset", spec.title.upper()]).dataset
+    with pytest.raises(ValueError, match=f"--dataset {other} does not match this script, which trains on {dataset}"):
+        training.params.parse_train_args(dataset, ["--data_root", "x", "--dataset", other])
 
 
 def test_legacy_checkpoint_resumes_with_its_arithmetic_best():
     legacy = {"epoch": 2, "global_step": 4, "best_metric": 41.5, "best_metrics": {"mean": 41.5}}
-    state = training.TrainState.from_checkpoint(legacy)
+    state = TrainState.from_checkpoint(legacy)
     assert state.best_by == {"mean": {"value": 41.5, "epoch": None, "metrics": {"mean": 41.5}}}
-    improved = state.record_validation(cirr_validation([40.0] * 7), "cirr")
+    improved = state.record_validation(cirr_validation([40.0] * 7), get_dataset("cirr"))
     assert improved == ["harmonic_mean", "geometric_mean"]  # unknown before; the mean did not improve
-    assert training.TrainState.from_checkpoint({**legacy, "best_metric": -math.inf}).best_by == {}
+    assert TrainState.from_checkpoint({**legacy, "best_metric": -math.inf}).best_by == {}
 
 
 def test_link_falls_back_to_a_copy_without_hard_links(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
@@ -134,7 +167,7 @@ def test_link_falls_back_to_a_copy_without_hard_links(tmp_path: Path, monkeypatc
         raise PermissionError(1, "Operation not permitted")
 
     monkeypatch.setattr(os, "link", no_links)
-    utils.atomic_link_or_copy(source, destination)
+    atomic_link_or_copy(source, destination)
     assert destination.read_bytes() == b"state" and destination.stat().st_ino != source.stat().st_ino
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.pt", "b.pt"]  # no temporary file left
 
@@ -142,7 +175,7 @@ def test_link_falls_back_to_a_copy_without_hard_links(tmp_path: Path, monkeypatc
 # ---------------------------------------------------------------------------------------------- validation schedule
 @pytest.mark.parametrize("num_epochs, frequency", [(1, 1), (5, 1), (7, 3), (8, 3), (10, 5), (3, 10)])
 def test_validation_due_matches_the_official_schedule(num_epochs: int, frequency: int):
-    ours = [epoch for epoch in range(num_epochs) if training.validation_due(epoch, frequency, num_epochs)]
+    ours = [epoch for epoch in range(num_epochs) if validation_due(epoch, frequency, num_epochs)]
     official = official_validated_epochs(num_epochs, frequency)
     # Ours = the official epochs, plus the last epoch when the official schedule skips it.
     assert ours == sorted(set(official) | {num_epochs - 1})
@@ -158,10 +191,10 @@ def test_precision_that_runs_on_each_device():
         effective_precision("fp16", cpu)
 
 
-@pytest.mark.parametrize("module", [training, validate, cirr_test_submission, retrieve], ids=lambda m: m.__name__)
+@pytest.mark.parametrize("module", [training.params, validate, cirr_test_submission, retrieve], ids=lambda m: m.__name__)
 def test_evaluation_defaults_to_fp32_as_the_official(module):
-    if module is training:
-        args = training.build_train_parser("cirr").parse_args(["--data_root", "x"])
+    if module is training.params:
+        args = training.params.build_train_parser("cirr").parse_args(["--data_root", "x"])
         assert (args.precision, args.eval_precision) == ("amp", "fp32")
         return
     required = {"validate": [], "cirr_test_submission": ["--submission_name", "s"],
@@ -171,9 +204,10 @@ def test_evaluation_defaults_to_fp32_as_the_official(module):
 
 @pytest.fixture
 def recorded_autocast(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, torch.dtype | None]]:
-    """training.autocast, recording each use: (precision asked for, CPU autocast dtype in force or None)."""
+    """autocast in the training step and in evaluation, recording each use: (precision asked for, CPU autocast
+    dtype in force or None)."""
     seen: list[tuple[str, torch.dtype | None]] = []
-    real = training.autocast
+    real = training.train.autocast
 
     @contextlib.contextmanager
     def recording(precision: str, device: torch.device) -> Iterator[None]:
@@ -181,7 +215,8 @@ def recorded_autocast(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, torch.
             seen.append((precision, torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None))
             yield
 
-    monkeypatch.setattr(training, "autocast", recording)
+    for module in (training.train, evaluation):
+        monkeypatch.setattr(module, "autocast", recording)
     return seen
 
 
@@ -193,7 +228,7 @@ def test_amp_bf16_trains_on_cpu_and_validates_in_fp32(cirr_root: Path, tmp_path:
     assert steps >= 2 and recorded_autocast[:steps] == [("amp_bf16", torch.bfloat16)] * steps
     assert len(recorded_autocast) > steps and set(recorded_autocast[steps:]) == {("fp32", None)}  # validation
     assert math.isfinite(utils.read_metrics_log(run / "metrics.jsonl")["train/epoch_loss"].dropna().iloc[-1])
-    last = utils.load_checkpoint(run / "checkpoints" / "last.pt")
+    last = load_checkpoint(run / "checkpoints" / "last.pt")
     assert all(torch.isfinite(v).all() for v in last["model"].values() if v.is_floating_point())
     assert (summary["precision"], summary["eval_precision"]) == ("amp_bf16", "fp32")
     report = (run / "report.md").read_text()
@@ -229,11 +264,11 @@ def test_grad_scaler_overflow_is_not_a_nonfinite_step(cirr_root: Path, grad_clip
     before = {k: v.clone() for k, v in model.state_dict().items()}
     scale = scaler.get_scale()
     with overflowing_gradients(model):
-        train_one_epoch(model, [batch, batch], optimizer, scaler, state, cpu, "fp32", 1.0, grad_clip, 2)
+        train_one_epoch(model, [batch, batch], optimizer, scaler, state, cpu, "fp32", create_loss("ssn"), grad_clip, 2)
     assert scaler.get_scale() == scale / 4  # both steps skipped by the scaler, which halved its scale twice
     assert state.nonfinite_steps == 0 and state.amp_overflow_steps == 2
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
-    train_one_epoch(model, [nan_batch], optimizer, scaler, state, cpu, "fp32", 1.0, grad_clip, 2)
+    train_one_epoch(model, [nan_batch], optimizer, scaler, state, cpu, "fp32", create_loss("ssn"), grad_clip, 2)
     assert state.nonfinite_steps == 1 and state.amp_overflow_steps == 2  # a non-finite loss does count
 
 
@@ -247,5 +282,5 @@ def test_overflow_at_scale_one_counts_as_nonfinite(cirr_root: Path):
     state = TrainState()
     with overflowing_gradients(model), pytest.raises(NonFiniteLossError, match="2 consecutive"):
         # scale 2: an overflow the scaler calibrates away; then scale 1 and 0.5: non-finite gradients.
-        train_one_epoch(model, [batch] * 3, optimizer, scaler, state, torch.device("cpu"), "fp32", 1.0, None, 2)
+        train_one_epoch(model, [batch] * 3, optimizer, scaler, state, torch.device("cpu"), "fp32", create_loss("ssn"), None, 2)
     assert state.amp_overflow_steps == 1 and scaler.get_scale() == 0.25
