@@ -13,5 +13,3 @@
 
 The scripts call :func:`training.main.main_for`; nothing here imports a script.
 """
-# TRANSITION: cvsi/pipeline.py imports these from here until it reads the dataset registry (datasets.py).
-from datasets import FIQ_CATEGORIES, resolve_dataset_root  # noqa: F401
