@@ -1,10 +1,10 @@
 """The whole SSN job on the embedded default, on CPU in a few minutes.
 
 1. writes a synthetic CIRR dataset (coloured-shape scenes, real CIRR file layout);
-2. trains SSN on the tiny shipped open_clip config (random weights) with train_cirr.py;
-3. validates the best checkpoint with validate.py, beside image-only, text-only and image+text-sum
+2. trains SSN on the tiny shipped open_clip config (random weights), as train_cirr.py does;
+3. validates the best checkpoint as validate.py does, beside image-only, text-only and image+text-sum
    retrieval on the same backbone, and draws retrieval examples;
-4. writes the CIRR test1 submission files with cirr_test_submission.py.
+4. writes the CIRR test1 submission files as cirr_test_submission.py does.
 
     python demo.py --output_dir demo_output
 """
@@ -16,11 +16,12 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-import cirr_test_submission
-import train_cirr
 import utils
-import validate
+from inference import validate_checkpoint, write_cirr_test_submission
+from metrics import metrics_table
 from synthetic import make_synthetic_cirr
+from training.main import run
+from training.params import parse_train_args
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -44,23 +45,22 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, float]]:
 
     # A tiny randomly initialised backbone needs a larger learning rate than the fine-tuning recipe
     # (lr 5e-5 for pretrained CLIP); the parameter groups and their ratios are the official ones.
-    run_dir = train_cirr.main([
+    run_dir = run(parse_train_args("cirr", [
         "--data_root", str(data_root), "--clip_model_name", args.clip_model_name, "--pretrained", "none",
         "--num_epochs", str(args.num_epochs), "--batch_size", "64", "--lr", "1e-3", "--lr_ratio", "0.2",
         "--lr_step_size", "6", "--optimizer", "adamw", "--grad_clip", "1.0", "--transform", "clip",
         "--num_workers", str(args.num_workers), "--seed", str(args.seed), "--save_best",
         "--output_dir", str(output_dir / "run"), "--overwrite",  # running the demo again replaces its run
-    ])
+    ]), "cirr")
     checkpoint = run_dir / "checkpoints" / "best.pt"
-    results = validate.main(["--checkpoint", str(checkpoint), "--baselines", "--visualize", "6"])
-    recall_path, subset_path = cirr_test_submission.main(
-        ["--checkpoint", str(checkpoint), "--submission_name", "demo"]
-    )
+    utils.setup_logging(None)  # the run's log.txt ends with its training
+    results = validate_checkpoint(checkpoint, baselines=True, visualize=6)
+    recall_path, subset_path = write_cirr_test_submission(checkpoint, "demo")
 
     ssn_avg = results["ssn"]["Avg"]
     best_baseline = max(results[m]["Avg"] for m in results if m != "ssn")
     print("\nCIRR-format synthetic val (300 queries), recalls in %:")
-    print(utils.metrics_table(results))
+    print(metrics_table(results))
     print(f"\nSSN Avg {ssn_avg:.2f} vs best baseline {best_baseline:.2f} "
           f"({'SSN ahead' if ssn_avg > best_baseline else 'SSN NOT ahead'}); total time {time.time() - start:.0f} s")
     print(f"""

@@ -3,7 +3,7 @@
 * :mod:`training.params`      -- the command line of ``train_cirr.py`` / ``train_fiq.py`` and its checks
 * :mod:`training.sampler`     -- resumable per-epoch order of the triplets, DataLoader worker seeding
 * :mod:`training.train`       -- one optimisation step and one epoch
-* :mod:`training.validation`  -- when a run validates and which best checkpoints a validation replaces
+* :mod:`training.validation`  -- when a run validates (official schedule) and what it measures
 * :mod:`training.resilience`  -- pre-emption signals, unreadable samples, non-finite losses, determinism
 * :mod:`training.state`       -- the run's progress, RNG states and the checkpoint dictionary
 * :mod:`training.resume`      -- loading a checkpoint back into a run
