@@ -331,8 +331,8 @@ def report(run: RunContext, state: TrainState) -> None:
 
 # ---------------------------------------------------------------------------------------------- entry points
 def run(args: argparse.Namespace, dataset: str) -> Path:
-    """Train SSN on ``dataset`` ('cirr' or 'fashioniq') with periodic validation and checkpoints; returns the
-    output folder."""
+    """Train SSN on ``dataset`` (a registry name with training triplets: 'cirr', 'fashioniq') with periodic
+    validation and checkpoints; returns the output folder."""
     context = prepare(args, dataset)
     model = build_model(context)
     data = load_data(context, model)
@@ -347,5 +347,5 @@ def run(args: argparse.Namespace, dataset: str) -> Path:
 
 
 def main_for(dataset: str, argv: Sequence[str] | None) -> Path:
-    """Parse a training script's command line and train; ``dataset`` is 'cirr' or 'fashioniq'."""
+    """Parse a training script's command line and train on ``dataset`` (a registry name)."""
     return run(parse_train_args(dataset, argv), dataset)
