@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-import utils
+from checkpoint import load_weights_only, save_checkpoint
 from model.hf_clip import HFCLIPError, read_hf_config
 from model.official import OfficialCheckpointError, converted_checkpoint, official_state_dict, ssn_model_from_official
 
@@ -42,14 +42,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         if output.exists() and not args.overwrite:
             raise FileExistsError(f"{output}: exists (--overwrite replaces it)")
         hf_config = read_hf_config(args.clip_config) if args.clip_config else None
-        official = utils.load_weights_only(Path(args.official), OfficialCheckpointError, "official checkpoint")
+        official = load_weights_only(Path(args.official), OfficialCheckpointError, "official checkpoint")
         state, epoch = official_state_dict(official, args.official)
         model = ssn_model_from_official(state, hf_config, source=args.official,
                                         config_source=args.clip_config or "config.json")
         record = {"pretrained": None, "transform": "clip", "target_ratio": 1.25, "data_root": args.data_root,
                   "converted_from": str(args.official), "clip_config": args.clip_config, "official_epoch": epoch}
         output.parent.mkdir(parents=True, exist_ok=True)
-        utils.save_checkpoint(output, converted_checkpoint(model, args.dataset, epoch, record))
+        save_checkpoint(output, converted_checkpoint(model, args.dataset, epoch, record))
     except (OfficialCheckpointError, HFCLIPError, FileExistsError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import ctypes
 import errno
-import importlib
 import json
 import logging
 import os
@@ -253,32 +252,3 @@ def read_metrics_log(path: str | os.PathLike) -> pd.DataFrame:
                 break
             raise ValueError(f"{path}: line {number} is not valid JSON ({exc})") from exc
     return pd.DataFrame.from_records(records)
-
-
-# TRANSITION (removed after the training/cvsi migration): names that moved to retrieval / metrics /
-# submission / checkpoint / datasets, still imported from here by training.py and cvsi/ (and by
-# zero_shot_cvsi.py, demo.py, convert_official_checkpoint.py and some training tests).
-# Resolved on first use (PEP 562), so this module imports none of them.
-_MOVED = {
-    "topk_retrieval": "retrieval",
-    "cirr_metrics": "metrics", "fiq_metrics": "metrics", "summarize_fiq": "metrics",
-    "circo_metrics": "metrics", "metrics_table": "metrics",
-    "SubmissionError": "submission", "cirr_submission": "submission", "check_cirr_submission": "submission",
-    "write_cirr_submission": "submission", "circo_submission": "submission",
-    "CHECKPOINT_FORMAT_VERSION": "checkpoint", "CheckpointError": "checkpoint", "save_checkpoint": "checkpoint",
-    "load_checkpoint": "checkpoint", "load_weights_only": "checkpoint", "atomic_link_or_copy": "checkpoint",
-}
-
-
-def _best_metric(metrics: Mapping[str, float], dataset: str, criterion: str | None = None) -> float:
-    return importlib.import_module("datasets").get_dataset(dataset).score(metrics, criterion)
-
-
-def __getattr__(name: str) -> Any:
-    if name in _MOVED:
-        return getattr(importlib.import_module(_MOVED[name]), name)
-    if name == "SELECTION_CRITERIA":
-        return {key: spec.selection_criteria for key, spec in importlib.import_module("datasets").DATASETS.items()}
-    if name == "best_metric":
-        return _best_metric
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

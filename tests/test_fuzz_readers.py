@@ -20,7 +20,7 @@ from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-import utils
+import checkpoint
 from data_utils import CIRCODataset, CIRRDataset, DataError, FashionIQDataset, build_transform, load_image, read_json
 from model import create_backbone
 
@@ -155,7 +155,7 @@ def _torch_file(obj: Any) -> bytes:
 
 
 GOOD_CHECKPOINT = _torch_file(
-    {"format_version": utils.CHECKPOINT_FORMAT_VERSION, "model": torch.nn.Linear(3, 2).state_dict(), "epoch": 1}
+    {"format_version": checkpoint.CHECKPOINT_FORMAT_VERSION, "model": torch.nn.Linear(3, 2).state_dict(), "epoch": 1}
 )
 checkpoint_files = st.one_of(
     st.binary(max_size=256),
@@ -172,11 +172,11 @@ def test_load_checkpoint_loads_or_raises_checkpoint_error(workdir, data):
     path = workdir / "checkpoint.pt"
     path.write_bytes(data)
     try:
-        state = utils.load_checkpoint(path)
-    except utils.CheckpointError as error:
+        state = checkpoint.load_checkpoint(path)
+    except checkpoint.CheckpointError as error:
         assert str(path) in str(error)
     else:
-        assert isinstance(state, dict) and 1 <= state["format_version"] <= utils.CHECKPOINT_FORMAT_VERSION
+        assert isinstance(state, dict) and 1 <= state["format_version"] <= checkpoint.CHECKPOINT_FORMAT_VERSION
 
 
 # ---------------------------------------------------------------------------------------------- datasets

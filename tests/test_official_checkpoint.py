@@ -21,7 +21,7 @@ import convert_official_checkpoint
 import inference
 import retrieve
 import train_cirr
-import utils
+from checkpoint import load_checkpoint
 from model import build_ssn_model, hf_clip, ssn_loss, ssn_model_from_checkpoint
 from model.official import OfficialCheckpointError, official_state_dict, ssn_model_from_official
 from synthetic import make_synthetic_cirr
@@ -78,7 +78,7 @@ def test_converted_official_model_gives_the_official_features_and_loss(official,
     config.write_bytes(official_config.read_bytes())
     output = tmp_path / "run" / "checkpoints" / "best.pt"
     assert _convert(path, config, output, "--data_root", str(tmp_path)) == 0
-    checkpoint = utils.load_checkpoint(output)
+    checkpoint = load_checkpoint(output)
     name = checkpoint["model_config"]["clip_model_name"]
     assert name.startswith(hf_clip.NAME_PREFIX) and checkpoint["model_config"]["quick_gelu"] is True
     assert checkpoint["dataset"] == "cirr" and checkpoint["epoch"] == 5 and checkpoint["args"]["official_epoch"] == 4
@@ -145,7 +145,7 @@ def test_converted_checkpoint_fine_tunes_without_resume(official, tmp_path):
     run = train_cirr.main(["--data_root", str(data), "--clip_model_name", "ViT-Tiny-P8-32", "--pretrained", str(converted),
                            "--num_workers", "0", "--batch_size", "4", "--num_epochs", "1", "--lr", "0",
                            "--output_dir", str(tmp_path / "run")])
-    start, last = utils.load_checkpoint(converted), utils.load_checkpoint(run / "checkpoints" / "last.pt")
+    start, last = load_checkpoint(converted), load_checkpoint(run / "checkpoints" / "last.pt")
     assert last["model_config"] == start["model_config"] and last["epoch"] == 1
     assert all(torch.equal(last["model"][key], value) for key, value in start["model"].items())
     assert (run / "summary.json").is_file()
@@ -162,7 +162,7 @@ def test_initial_model_tells_project_checkpoints_from_open_clip_weights(official
     assert from_weights.backbone.model_name == "ViT-Tiny-P8-32"
     assert torch.equal(from_weights.backbone.clip.token_embedding.weight, torch.load(weights)["token_embedding.weight"])
     from_checkpoint = initial_model(args, str(converted), torch.device("cpu"))
-    assert from_checkpoint.config() == utils.load_checkpoint(converted)["model_config"]
+    assert from_checkpoint.config() == load_checkpoint(converted)["model_config"]
     with pytest.raises(ValueError, match="--nhead 4 differs from the 8 heads of --pretrained"):
         initial_model(argparse.Namespace(clip_model_name="ViT-Tiny-P8-32", nhead=4), str(converted), "cpu")
 
