@@ -1,6 +1,6 @@
 """One evaluation for every dataset and retrieval method.
 
-:func:`evaluate` ranks each :class:`datasets.RetrievalTask` with a :class:`RetrievalMethod` (anything that
+:func:`evaluate` ranks each :class:`dataset_registry.RetrievalTask` with a :class:`RetrievalMethod` (anything that
 turns a task's gallery and queries into normalised features) and scores it with the dataset's entry of
 the registry: ``spec.task_metrics`` per task, ``spec.summarize`` over the tasks.  :class:`ModelRetrieval`
 is the method of a trained model and one of its :mod:`model.retrievers` (SSN or a baseline); CVSI
@@ -17,7 +17,7 @@ from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from data_utils import ImageFiles, load_image, make_loader
-from datasets import DatasetSpec, RetrievalTask, get_dataset
+from dataset_registry import DatasetSpec, RetrievalTask, get_dataset
 from model import SSNModel
 from model.retrievers import Retriever, get_retriever
 from precision import autocast

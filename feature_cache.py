@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from datasets import RetrievalTask
+from dataset_registry import RetrievalTask
 from utils import atomic_write_bytes
 
 _logger = logging.getLogger("cir.feature_cache")

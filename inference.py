@@ -18,7 +18,7 @@ import torch
 import utils
 from checkpoint import CheckpointError, load_checkpoint
 from data_utils import TRANSFORM_REVISION, build_transform
-from datasets import DATASETS, RetrievalTask, get_dataset, resolve_dataset_root
+from dataset_registry import DATASETS, RetrievalTask, get_dataset, resolve_dataset_root
 from distributed import init_distributed
 from evaluation import FeatureCallback, ModelRetrieval, evaluate
 from feature_cache import checkpoint_gallery_encoder

@@ -18,7 +18,7 @@ import torch
 
 import utils
 from data_utils import list_gallery_images, load_image
-from datasets import Query, RetrievalTask
+from dataset_registry import Query, RetrievalTask
 from evaluation import ModelRetrieval
 from feature_cache import cached_gallery_features, checkpoint_identity, file_list_identity
 from distributed import init_distributed

@@ -19,7 +19,7 @@ from cvsi.cache import TensorCache, fingerprint
 from cvsi.phi import Phi
 from cvsi.pseudo_tokens import encode_with_pseudo_words, placeholder_token_id
 from data_utils import ImageFiles, collate_batch
-from datasets import RetrievalTask
+from dataset_registry import RetrievalTask
 from model.backbone import CLIPBackbone
 
 __all__ = ["image_key", "image_embeddings", "caption_set_features", "fine_grained_features"]

@@ -24,7 +24,7 @@ from dataclasses import dataclass, replace
 import torch.nn.functional as F
 from torch import Tensor
 
-from datasets import RetrievalTask
+from dataset_registry import RetrievalTask
 
 __all__ = [
     "FusionWeights", "DatasetPreset", "PRESETS", "COMPONENTS", "GROUPS", "ABLATIONS", "SCORINGS", "fuse_query",

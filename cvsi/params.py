@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 from cvsi.fusion import COMPONENTS, GROUPS, PRESETS, SCORINGS
 from cvsi.presets import PRESETS as OPTION_PRESETS
-from datasets import DATASETS
+from dataset_registry import DATASETS
 
 __all__ = ["DESCRIPTION", "build_parser", "parse_config"]
 
@@ -23,7 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=DESCRIPTION, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     data = parser.add_argument_group("data")
     data.add_argument("--dataset", choices=sorted(DATASETS), required=True,
-                      help="a dataset of the registry (datasets.py); the fusion weights default to the paper's for "
+                      help="a dataset of the registry (dataset_registry.py); the fusion weights default to the paper's for "
                            f"{', '.join(sorted(PRESETS))}")
     data.add_argument("--split", choices=("val", "test"), default="val")
     data.add_argument("--data_root", required=True, help="the dataset folder or its parent")

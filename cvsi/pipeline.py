@@ -1,4 +1,4 @@
-"""The CVSI method end to end on any dataset of the registry (:mod:`datasets`).
+"""The CVSI method end to end on any dataset of the registry (:mod:`dataset_registry`).
 
 :func:`run` takes a configuration (:func:`cvsi.params.build_parser`'s options) and: reads the split's
 retrieval tasks (``spec.tasks``), gets captions and LLM answers (:mod:`cvsi.semantics`), encodes
@@ -28,7 +28,7 @@ from cvsi.presets import apply_preset
 from cvsi.pseudo_tokens import fine_grained_prompt
 from cvsi.semantics import gather_answers, gather_captions
 from data_utils import TRANSFORM_REVISION, build_transform
-from datasets import DatasetSpec, RetrievalTask, get_dataset, resolve_dataset_root
+from dataset_registry import DatasetSpec, RetrievalTask, get_dataset, resolve_dataset_root
 from evaluation import evaluate
 from feature_cache import checkpoint_identity
 from metrics import metrics_table

@@ -20,7 +20,7 @@ from cvsi.prompts import (
     MODIFY_MARKER, MODIFY_PROMPT, OBJECTS_MARKER, OBJECTS_PROMPT, answer_parsers, build_messages, select_template,
 )
 from data_utils import DataError, load_image
-from datasets import DATASETS, Query, RetrievalTask
+from dataset_registry import DATASETS, Query, RetrievalTask
 
 __all__ = ["gather_captions", "llm_jobs", "gather_answers"]
 

@@ -19,7 +19,7 @@ from cvsi.phi import Phi, PhiCheckpointError, load_phi, save_phi
 from cvsi.prompts import build_messages, parse_added_objects, parse_edited_description
 from cvsi.pseudo_tokens import encode_with_pseudo_words, fine_grained_prompt, placeholder_token_id
 from data_utils import DataError
-from datasets import Query, RetrievalTask
+from dataset_registry import Query, RetrievalTask
 from evaluation import evaluate
 from model import create_backbone
 from synthetic import CAPTIONS_DIR, SYNTHETIC_CAPTIONS_PER_IMAGE, make_synthetic_circo, make_synthetic_cirr, make_synthetic_fashioniq

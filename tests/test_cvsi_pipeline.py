@@ -18,7 +18,7 @@ from cvsi.llm import ChatClient, LLMError
 from cvsi.loopback import LoopbackChatServer, chat_reply
 from cvsi.phi import Phi, save_phi
 from data_utils import build_transform, load_image
-from datasets import get_dataset
+from dataset_registry import get_dataset
 from metrics import circo_metrics
 from model import create_backbone
 from retrieval import topk_retrieval

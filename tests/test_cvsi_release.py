@@ -24,7 +24,7 @@ from cvsi.phi import Phi, save_phi
 from cvsi.presets import RELEASE_STOP, apply_preset
 from cvsi.prompts import MODIFY_PROMPT, build_messages, parse_raw_answer, select_template
 from data_utils import DataError
-from datasets import Query, RetrievalTask, get_dataset
+from dataset_registry import Query, RetrievalTask, get_dataset
 from evaluation import evaluate
 from model import create_backbone
 from synthetic import CAPTIONS_DIR, make_synthetic_circo

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from data_utils import CIRRDataset, FashionIQDataset, build_transform, collate_batch
-from datasets import FIQ_CATEGORIES, get_dataset
+from dataset_registry import FIQ_CATEGORIES, get_dataset
 from evaluation import ModelRetrieval, QueryImages, evaluate, gallery_images
 from metrics import cirr_metrics, fiq_metrics, summarize_fiq
 from model import RETRIEVAL_METHODS, build_ssn_model

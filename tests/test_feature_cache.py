@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from datasets import Query, RetrievalTask
+from dataset_registry import Query, RetrievalTask
 from feature_cache import cache_key, cached_gallery_features, checkpoint_gallery_encoder, checkpoint_identity
 
 

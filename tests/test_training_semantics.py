@@ -28,7 +28,7 @@ import utils
 import validate
 from checkpoint import CheckpointSaver, atomic_link_or_copy, load_checkpoint
 from data_utils import CIRRDataset, build_transform, collate_batch
-from datasets import get_dataset
+from dataset_registry import get_dataset
 from model import build_ssn_model
 from model.loss import create_loss
 from precision import PRECISIONS, effective_precision

@@ -18,7 +18,7 @@ import retrieve
 import train_cirr
 import validate
 from data_utils import DataError
-from datasets import get_dataset, resolve_dataset_root
+from dataset_registry import get_dataset, resolve_dataset_root
 from evaluation import ModelRetrieval
 from inference import load_trained_model
 from synthetic import make_synthetic_cirr

@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader, Dataset
 import utils
 from checkpoint import CheckpointSaver
 from data_utils import DataError, SkipBadSamples, build_transform, make_loader
-from datasets import DatasetSpec, RetrievalTask, get_dataset, resolve_dataset_root
+from dataset_registry import DatasetSpec, RetrievalTask, get_dataset, resolve_dataset_root
 from distributed import DistributedEnv, any_rank, barrier, cleanup_distributed, init_distributed, wrap_model
 from inference import run_directory
 from metrics import metrics_table

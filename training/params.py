@@ -9,7 +9,7 @@ import argparse
 import os
 from typing import Sequence
 
-from datasets import get_dataset
+from dataset_registry import get_dataset
 from model.loss import LOSSES
 from precision import EVAL_PRECISION_HELP, PRECISIONS
 

@@ -12,7 +12,7 @@ import torch
 
 import utils
 from checkpoint import CHECKPOINT_FORMAT_VERSION
-from datasets import DatasetSpec
+from dataset_registry import DatasetSpec
 from model import SSNModel
 from training.sampler import ResumableSampler
 

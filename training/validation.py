@@ -5,7 +5,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from datasets import DatasetSpec, RetrievalTask
+from dataset_registry import DatasetSpec, RetrievalTask
 from evaluation import ModelRetrieval, evaluate
 from model import SSNModel
 

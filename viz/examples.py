@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from data_utils import load_image
-from datasets import RetrievalTask
+from dataset_registry import RetrievalTask
 from model.backbone import text_mask_from_ids
 from retrieval import topk_retrieval
 

@@ -20,7 +20,7 @@ import open_clip
 import torch
 
 import utils
-from datasets import DATASETS
+from dataset_registry import DATASETS
 from viz.curves import best_epoch, plot_training_curves, read_epoch_metrics
 from viz.grid import relative_link
 
