@@ -1,4 +1,4 @@
-"""Tests for datasets.py: the registry, root resolution, tasks read from the synthetic benchmarks, scoring,
+"""Tests for dataset_registry.py: the registry, root resolution, tasks read from the synthetic benchmarks, scoring,
 test outputs and training triplets."""
 import json
 
@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from data_utils import CIRCODataset, CIRRDataset, FashionIQDataset, join_fiq_captions
-from datasets import DATASETS, FIQ_CATEGORIES, DatasetSpec, Query, get_dataset, register_dataset, resolve_dataset_root
+from dataset_registry import DATASETS, FIQ_CATEGORIES, DatasetSpec, Query, get_dataset, register_dataset, resolve_dataset_root
 from submission import check_cirr_submission
 from synthetic import make_synthetic_circo, make_synthetic_cirr, make_synthetic_fashioniq
 
