@@ -14,8 +14,8 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor
 from torch.utils.data import Dataset
-from tqdm import tqdm
 
+import utils
 from data_utils import ImageFiles, load_image, make_loader
 from dataset_registry import DatasetSpec, RetrievalTask, get_dataset
 from model import SSNModel
@@ -93,7 +93,7 @@ class ModelRetrieval:
         self.model.eval()
         features = []
         loader = make_loader(gallery_images(task, self.transform), self.batch_size, self.num_workers, self.device)
-        for batch in tqdm(loader, desc="gallery", leave=False):
+        for batch in utils.progress(loader, f"{task.name} gallery"):
             with autocast(self.precision, self.device):
                 images = batch["image"].to(self.device, non_blocking=True)
                 features.append(self.retriever.encode_gallery(self.model, images).float().cpu())
@@ -104,7 +104,7 @@ class ModelRetrieval:
         self.model.eval()
         features = []
         loader = make_loader(QueryImages(task, self.transform), self.batch_size, self.num_workers, self.device)
-        for batch in tqdm(loader, desc="queries", leave=False):
+        for batch in utils.progress(loader, f"{task.name} queries"):
             token_ids = self.model.backbone.tokenize(batch["caption"]).to(self.device)
             with autocast(self.precision, self.device):
                 images = batch["reference_image"].to(self.device, non_blocking=True)

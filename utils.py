@@ -34,6 +34,8 @@ __all__ = [
     "set_seed",
     "seed_worker",
     "setup_logging",
+    "progress",
+    "PROGRESS_INTERVAL_S",
     "MetricsLogger",
     "read_metrics_log",
 ]
@@ -252,3 +254,91 @@ def read_metrics_log(path: str | os.PathLike) -> pd.DataFrame:
                 break
             raise ValueError(f"{path}: line {number} is not valid JSON ({exc})") from exc
     return pd.DataFrame.from_records(records)
+
+
+# --------------------------------------------------------------------------------------------------
+# Progress of long loops (issue 15): a bar on a terminal, a log line now and then otherwise
+# --------------------------------------------------------------------------------------------------
+
+PROGRESS_INTERVAL_S = 30.0
+_progress_logger = logging.getLogger("cir.progress")
+
+
+class Progress:
+    """Iterate ``iterable`` and show how far it got: a tqdm bar when ``file`` is a terminal, else one INFO
+    line (logger ``cir.progress``) every ``interval`` seconds.
+
+    A bar redrawn with carriage returns is unreadable once redirected to a file (every redraw stays in the
+    log), so without a terminal the loop reports like a log: ``epoch 2/8: 120/250 (48%), 61 s, ~66 s left,
+    loss=0.4213``, and a closing ``done`` line if it reported anything.  A loop shorter than ``interval``
+    writes nothing.  :meth:`set_postfix` adds fields to the bar and to the next line.
+    """
+
+    def __init__(
+        self,
+        iterable: Any,
+        desc: str,
+        total: int | None = None,
+        initial: int = 0,
+        interval: float = PROGRESS_INTERVAL_S,
+        file: Any = None,
+    ) -> None:
+        self.iterable, self.desc, self.initial, self.interval = iterable, desc, initial, interval
+        if total is None and hasattr(iterable, "__len__"):
+            total = initial + len(iterable)
+        self.total = total
+        self.file = sys.stderr if file is None else file
+        isatty = getattr(self.file, "isatty", None)
+        self.bar = None
+        if isatty is not None and isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, initial=initial, desc=desc, leave=False, file=self.file)
+        self.postfix: dict[str, Any] = {}
+
+    def set_postfix(self, **fields: Any) -> None:
+        """Show ``fields`` (e.g. ``loss="0.4213"``) beside the count."""
+        self.postfix = fields
+        if self.bar is not None:
+            self.bar.set_postfix(**fields)
+
+    def _line(self, count: int, start: float) -> str:
+        elapsed = time.monotonic() - start
+        done = count - self.initial
+        parts = [f"{count}/{self.total}" if self.total else str(count)]
+        if self.total:
+            parts[0] += f" ({100 * count / self.total:.0f}%)"
+        parts.append(f"{elapsed:.0f} s")
+        if self.total and done > 0:
+            parts.append(f"~{elapsed / done * (self.total - count):.0f} s left")
+        parts += [f"{key}={value}" for key, value in self.postfix.items()]
+        return f"{self.desc}: {', '.join(parts)}"
+
+    def __iter__(self) -> Any:
+        start = last = time.monotonic()
+        count, reported = self.initial, False
+        try:
+            for item in self.iterable:
+                yield item
+                count += 1
+                if self.bar is not None:
+                    self.bar.update(1)
+                elif time.monotonic() - last >= self.interval:
+                    _progress_logger.info(self._line(count, start))
+                    last, reported = time.monotonic(), True
+        finally:
+            if self.bar is not None:
+                self.bar.close()
+            elif reported:
+                _progress_logger.info("%s: done, %d in %.0f s", self.desc, count - self.initial, time.monotonic() - start)
+
+    def __len__(self) -> int:
+        return len(self.iterable)
+
+
+def progress(
+    iterable: Any, desc: str, total: int | None = None, initial: int = 0, interval: float = PROGRESS_INTERVAL_S,
+) -> Progress:
+    """The one progress display of every long loop (:class:`Progress`): a bar on a terminal, else a log line
+    every ``interval`` seconds; ``initial`` items were done before (a resumed epoch)."""
+    return Progress(iterable, desc, total=total, initial=initial, interval=interval)

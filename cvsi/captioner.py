@@ -14,9 +14,9 @@ from typing import Any, Callable, Sequence
 
 import torch
 from PIL import Image
-from tqdm import tqdm
 
 from cvsi.cache import JsonCache, fingerprint
+from utils import progress
 
 __all__ = ["Blip2Captioner", "caption_images", "DEFAULT_CAPTIONER"]
 
@@ -128,7 +128,7 @@ def caption_images(
     if todo:
         _logger.info("captioning %d images (%d cached) with %s", len(todo), len(keys) - len(todo),
                      captioner.model_name_or_path)
-    for start in tqdm(range(0, len(todo), batch_size), desc="captions", leave=False):
+    for start in progress(range(0, len(todo), batch_size), "captions"):
         batch = todo[start:start + batch_size]
         seed = int(fingerprint([captioner.seed, batch])[:8], 16)
         captions = captioner.caption([load(key) for key in batch], seed)

@@ -13,7 +13,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import DataLoader
-from tqdm import tqdm
 
 from cvsi.cache import TensorCache, fingerprint
 from cvsi.phi import Phi
@@ -21,6 +20,7 @@ from cvsi.pseudo_tokens import encode_with_pseudo_words, placeholder_token_id
 from data_utils import ImageFiles, collate_batch
 from dataset_registry import RetrievalTask
 from model.backbone import CLIPBackbone
+from utils import progress
 
 __all__ = ["image_key", "image_embeddings", "caption_set_features", "fine_grained_features"]
 
@@ -41,7 +41,7 @@ def image_embeddings(
     todo = cache.missing(keys)
     loader = DataLoader(ImageFiles(todo, [paths[key] for key in todo], transform), batch_size=batch_size,
                         num_workers=num_workers, collate_fn=collate_batch)
-    for batch in tqdm(loader, desc="image features", leave=False):
+    for batch in progress(loader, "image features"):
         embeds = backbone.encode_image(batch["image"].to(device)).embeds.float().cpu()
         cache.put(dict(zip(batch["name"], embeds)))
     return cache.stack(keys)
@@ -60,7 +60,7 @@ def caption_set_features(
     by_key = {key: list(captions) for key, captions in zip(keys, caption_sets) if captions}
     todo = cache.missing(by_key)
     group: list[str] = []
-    for position, key in enumerate(tqdm(todo, desc="caption features", leave=False)):
+    for position, key in enumerate(progress(todo, "caption features")):
         group.append(key)
         if sum(len(by_key[k]) for k in group) < 8 * batch_size and position < len(todo) - 1:
             continue
@@ -89,7 +89,7 @@ def fine_grained_features(
     index = {key: i for i, key in enumerate(keys)}
     todo = cache.missing(keys)
     placeholder = placeholder_token_id(backbone)
-    for start in tqdm(range(0, len(todo), batch_size), desc="fine-grained features", leave=False):
+    for start in progress(range(0, len(todo), batch_size), "fine-grained features"):
         rows = [index[k] for k in todo[start:start + batch_size]]
         pseudo = phi(reference_embeds[rows].to(device))  # [b, w]
         embeds = encode_with_pseudo_words(backbone, [prompts[i] for i in rows], pseudo, placeholder)

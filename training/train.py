@@ -6,7 +6,6 @@ from typing import Any, Callable, Iterable
 
 import torch
 from torch import nn
-from tqdm import tqdm
 
 import utils
 from distributed import unwrap_model
@@ -117,8 +116,7 @@ def train_one_epoch(
     triplet so far.
     """
     model.train()
-    progress = tqdm(loader, desc=f"epoch {state.epoch + 1}/{num_epochs or '?'}", leave=False,
-                    initial=state.step_in_epoch, total=state.step_in_epoch + len(loader))
+    progress = utils.progress(loader, f"epoch {state.epoch + 1}/{num_epochs or '?'}", initial=state.step_in_epoch)
     for batch in progress:
         skipped = batch.pop("skipped_samples", [])
         if skipped:
