@@ -50,6 +50,27 @@ def run_directory(checkpoint_path: str | os.PathLike) -> Path:
     return checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else checkpoint.parent
 
 
+VALIDATION_DIR = "validation"
+
+
+def new_validation_dir(checkpoint_path: str | os.PathLike) -> Path:
+    """A new folder for one validation: ``<run>/validation/<checkpoint stem>-<NNN>/``, NNN one past the highest.
+
+    Validating again never replaces what training or an earlier validation wrote beside the checkpoint.
+    """
+    parent = run_directory(checkpoint_path) / VALIDATION_DIR
+    stem = Path(checkpoint_path).stem
+    taken = [int(p.name.rsplit("-", 1)[1]) for p in parent.glob(f"{stem}-*") if p.name.rsplit("-", 1)[1].isdigit()]
+    number = max(taken, default=0) + 1
+    while True:
+        folder = parent / f"{stem}-{number:03d}"
+        try:
+            folder.mkdir(parents=True)  # claims the number (a concurrent validation takes the next)
+            return folder
+        except FileExistsError:
+            number += 1
+
+
 def preprocessing_settings(trained: TrainedModel, precision: str) -> dict[str, str]:
     """What, besides the weights, changes a trained model's gallery features (feature cache keys)."""
     args = trained.train_args
@@ -105,8 +126,10 @@ def validate_checkpoint(
     """Validate a checkpoint on its dataset's val split; returns ``{method: metrics}``.
 
     Scores SSN, and with ``baselines`` every other registered retrieval method (image-only, text-only and
-    image+text sum) on the same backbone.  Writes the metrics JSON (default ``<run>/validation.json``), with
-    ``visualize`` K > 0 a retrieval grid of K queries beside it, and refreshes the run's ``report.md``.
+    image+text sum) on the same backbone.  Writes the metrics JSON (default: ``validation.json`` in a new
+    folder :func:`new_validation_dir`, so that the run's own files stay as training wrote them), with
+    ``visualize`` K > 0 a retrieval grid of K queries beside it, and a ``report.md`` beside it (the run's
+    report with this validation added).
     Gallery features are cached in ``<run>/feature_cache`` (keyed by the checkpoint's content) unless
     ``use_cache`` is False.
     """
@@ -118,7 +141,7 @@ def validate_checkpoint(
     # FashionIQ is validated on the categories the run trained on (--dress_types).
     tasks = spec.tasks(root, spec.val_split, trained.train_args.get("dress_types"))
     methods = RETRIEVAL_METHODS if baselines else ("ssn",)
-    output_path = Path(output) if output else run_directory(checkpoint) / "validation.json"
+    output_path = Path(output) if output else new_validation_dir(checkpoint) / "validation.json"
     gallery_encoder = None
     if use_cache:
         gallery_encoder = checkpoint_gallery_encoder(checkpoint, run_directory(checkpoint) / "feature_cache",
@@ -135,7 +158,8 @@ def validate_checkpoint(
     _logger.info("%s val, %s:\n%s\n%s", trained.dataset, checkpoint, metrics_table(results),
                  metric_legend(next(iter(results.values()))))
     _logger.info("metrics written to %s", output_path)
-    report = write_run_report_safely(run_directory(checkpoint), device=str(device_), validation_json=output_path)
+    report = write_run_report_safely(run_directory(checkpoint), device=str(device_), validation_json=output_path,
+                                     report_path=output_path.parent / "report.md")
     if report is not None:
         _logger.info("run report written to %s", report)
     return results

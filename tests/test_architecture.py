@@ -18,7 +18,7 @@ RANKS: dict[str, int] = {
     # general helpers
     "utils": 0, "precision": 0, "distributed": 0,
     # data, model, retrieval engine
-    "data_utils": 1, "retrieval": 1, "model": 1, "synthetic": 1,
+    "data_utils": 1, "retrieval": 1, "ann": 1, "model": 1, "synthetic": 1,
     # metrics, submissions, checkpoints
     "metrics": 2, "submission": 2, "checkpoint": 2,
     # the dataset registry (readers + metrics + submission writers per dataset)

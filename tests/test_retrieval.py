@@ -1,9 +1,13 @@
-"""Tests for retrieval.py: exact chunked top-k against a dense sort, ties, input checks."""
+"""Tests for retrieval.py: both engines (faiss, torch) against a dense stable sort, ties, input checks."""
 
 import pytest
 import torch
 
-from retrieval import cirr_rankings, ranked_names, topk_retrieval
+import retrieval
+from retrieval import cirr_rankings, ranked_names, resolve_engine, topk_retrieval, use_engine
+
+HAS_FAISS = retrieval.faiss_module() is not None
+ENGINES = ["torch", pytest.param("faiss", marks=pytest.mark.skipif(not HAS_FAISS, reason="faiss not installed"))]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -12,8 +16,10 @@ from retrieval import cirr_rankings, ranked_names, topk_retrieval
 
 
 def dense_topk(query, gallery, k, exclude=None):
-    """Reference: full score matrix, stable descending sort (ties -> lower gallery index)."""
-    scores = query @ gallery.T  # [Q, G]
+    """Reference: the full score matrix (float64 dot products rounded to the score dtype), stable
+    descending sort (ties -> lower gallery index)."""
+    dtype = torch.promote_types(query.dtype, torch.float32)
+    scores = (query.double() @ gallery.double().T).to(dtype)  # [Q, G]
     if exclude is not None:
         rows = (exclude >= 0).nonzero().squeeze(1)
         scores[rows, exclude[rows]] = float("-inf")
@@ -27,6 +33,9 @@ def random_case(kind, num_q=11, num_g=17, dim=4, seed=0):
     if kind == "gaussian":
         query = torch.randn(num_q, dim, generator=gen, dtype=torch.float64)
         gallery = torch.randn(num_g, dim, generator=gen, dtype=torch.float64)
+    elif kind == "float32":
+        query = torch.randn(num_q, dim, generator=gen)
+        gallery = torch.randn(num_g, dim, generator=gen)
     else:
         # Small integers: every dot product is exact in float32, so ties are real and frequent;
         # duplicated gallery rows add more.
@@ -39,42 +48,139 @@ def random_case(kind, num_q=11, num_g=17, dim=4, seed=0):
     return query, gallery, exclude
 
 
-@pytest.mark.parametrize("kind", ["gaussian", "ties"])
+def assert_dense(query, gallery, k, exclude=None, **kwargs):
+    scores, indices = topk_retrieval(query, gallery, k, exclude, **kwargs)
+    ref_scores, ref_indices = dense_topk(query, gallery, k, exclude)
+    assert indices.shape == ref_indices.shape
+    assert torch.equal(indices, ref_indices)
+    if scores.dtype == torch.float32:
+        assert torch.equal(scores, ref_scores)  # the same numbers, not just close ones
+    else:  # float64 sums depend on the summation order in their last bits
+        torch.testing.assert_close(scores, ref_scores, rtol=1e-14, atol=1e-14)
+    return indices
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize("kind", ["gaussian", "float32", "ties"])
 @pytest.mark.parametrize("chunk_size", [1, 3, 5, 1000])
 @pytest.mark.parametrize("k", [1, 4, 17, 30])
 @pytest.mark.parametrize("use_exclude", [False, True])
-def test_topk_matches_dense(kind, chunk_size, k, use_exclude):
+def test_topk_matches_dense(engine, kind, chunk_size, k, use_exclude):
     query, gallery, exclude = random_case(kind)
     exclude = exclude if use_exclude else None
-    scores, indices = topk_retrieval(query, gallery, k, exclude, chunk_size=chunk_size)
-    ref_scores, ref_indices = dense_topk(query, gallery, k, exclude)
-    assert indices.shape == ref_indices.shape == (11, min(k, 17 - (1 if use_exclude else 0)))
-    assert torch.equal(indices, ref_indices)
-    torch.testing.assert_close(scores, ref_scores)
+    indices = assert_dense(query, gallery, k, exclude, chunk_size=chunk_size, engine=engine)
+    assert indices.shape == (11, min(k, 17 - (1 if use_exclude else 0)))
     if use_exclude:
         for row, excluded in zip(indices.tolist(), exclude.tolist()):
             assert excluded not in row
 
 
-def test_topk_ties_prefer_lower_index():
+def duplicated_gallery(copies=40, others=30, dim=8, seed=0):
+    """Random unit vectors with ``copies`` identical rows spread through the gallery; the first query is
+    the copied row (the copies tie first), random ones meet the tied band at other ranks."""
+    gen = torch.Generator().manual_seed(seed)
+    gallery = torch.nn.functional.normalize(torch.randn(others + copies, dim, generator=gen), dim=-1)
+    positions = torch.randperm(others + copies, generator=gen)[:copies]
+    gallery[positions] = gallery[positions[0]].clone()
+    queries = torch.cat([gallery[positions[:1]], torch.randn(5, dim, generator=gen)])
+    return queries, gallery
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize("k", [1, 10, 45, 200])
+def test_duplicates_tied_past_the_candidate_list_are_ranked_by_index(engine, k):
+    """40 identical gallery rows: for k = 10 the tie at the k-th score reaches past k + margin
+    candidates, so the engine's list must be widened; k = 200 exceeds the gallery."""
+    queries, gallery = duplicated_gallery()
+    exclude = torch.tensor([-1, 3, -1, 0, -1, 69])
+    assert_dense(queries, gallery, k, engine=engine)
+    assert_dense(queries, gallery, k, exclude, engine=engine)
+    assert_dense(queries.half(), gallery.half(), k, engine=engine)  # fp16 features: float32 scores
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_widening_without_margin(engine, monkeypatch):
+    """With no margin every tie at the k-th score is past the first candidate list."""
+    monkeypatch.setattr(retrieval, "MIN_MARGIN", 0)
+    queries, gallery = duplicated_gallery(copies=25, others=300)
+    assert_dense(queries, gallery, 3, engine=engine, chunk_size=7)
+
+
+@pytest.mark.skipif(not HAS_FAISS, reason="faiss not installed")
+def test_faiss_alone_orders_ties_otherwise():
+    """The case above has teeth: faiss's own order among the tied rows is not the dense order."""
+    faiss = retrieval.faiss_module()
+    queries, gallery = duplicated_gallery()
+    _, raw = faiss.knn(queries[:1].numpy(), gallery.numpy(), 10, metric=faiss.METRIC_INNER_PRODUCT)
+    assert raw.tolist() != dense_topk(queries[:1], gallery, 10)[1].tolist()
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_near_ties_within_float32_rounding(engine):
+    """Gallery rows whose scores differ by a few float32 ulps, in many blocks: the engines' float32
+    products may misorder them; the re-scored order must still be the dense one."""
+    gen = torch.Generator().manual_seed(3)
+    base = torch.nn.functional.normalize(torch.randn(1, 96, generator=gen), dim=-1)
+    gallery = base + 1e-7 * torch.randn(3000, 96, generator=gen)
+    gallery[::7] = torch.nn.functional.normalize(torch.randn(429, 96, generator=gen), dim=-1)
+    queries = torch.cat([base, base + 1e-6 * torch.randn(8, 96, generator=gen)])
+    assert_dense(queries, gallery, 50, engine=engine, chunk_size=512)
+
+
+@pytest.mark.skipif(not HAS_FAISS, reason="faiss not installed")
+@pytest.mark.parametrize("kind", ["float32", "ties"])
+def test_engines_agree_across_gallery_blocks(kind, monkeypatch):
+    """faiss's gallery blocks merged (block of 5 rows) give the torch engine's result, bit for bit."""
+    monkeypatch.setattr(retrieval, "FAISS_GALLERY_BLOCK", 5)
+    query, gallery, exclude = random_case(kind, num_q=23, num_g=41, dim=6, seed=4)
+    ours = topk_retrieval(query, gallery, 9, exclude, engine="faiss")
+    torch_result = topk_retrieval(query, gallery, 9, exclude, engine="torch", chunk_size=6)
+    assert torch.equal(ours[0], torch_result[0]) and torch.equal(ours[1], torch_result[1])
+    assert_dense(query, gallery, 9, exclude, engine="faiss")
+
+
+def test_engine_choice(monkeypatch):
+    cpu = torch.device("cpu")
+    assert resolve_engine("torch", cpu) == "torch"
+    assert resolve_engine("auto", cpu) == ("faiss" if HAS_FAISS else "torch")
+    with pytest.raises(ValueError, match="unknown retrieval engine 'numpy'"):
+        resolve_engine("numpy", cpu)
+    with use_engine("torch"):
+        assert resolve_engine(None, cpu) == "torch"
+    assert retrieval.default_engine() == "auto"
+    # Without faiss: auto falls back to torch, an explicit faiss is a clear error.
+    monkeypatch.setattr(retrieval, "faiss_module", lambda: None)
+    assert resolve_engine("auto", cpu) == "torch"
+    with pytest.raises(ValueError, match="pip install faiss-cpu"):
+        topk_retrieval(torch.randn(2, 3), torch.randn(4, 3), 1, engine="faiss")
+    query, gallery, exclude = random_case("ties")
+    assert_dense(query, gallery, 5, exclude)  # the fallback ranks as the dense sort
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_topk_ties_prefer_lower_index(engine):
     gallery = torch.tensor([[0.0], [1.0], [1.0], [0.5], [1.0]])
     query = torch.tensor([[1.0], [1.0]])
     # query 1 excludes gallery 1, so its tied best are 2 then 4.
-    _, idx = topk_retrieval(query, gallery, 4, torch.tensor([-1, 1]), chunk_size=2)
+    _, idx = topk_retrieval(query, gallery, 4, torch.tensor([-1, 1]), chunk_size=2, engine=engine)
     assert idx.tolist() == [[1, 2, 4, 3], [2, 4, 3, 0]]
 
 
-def test_topk_rejects_bad_input():
+@pytest.mark.parametrize("engine", ENGINES)
+def test_topk_rejects_bad_input(engine):
     q, g = torch.randn(2, 3), torch.randn(4, 3)
-    with pytest.raises(ValueError):
-        topk_retrieval(q, torch.randn(4, 2), 1)
-    with pytest.raises(ValueError):
-        topk_retrieval(q, g, 0)
-    with pytest.raises(ValueError):
-        topk_retrieval(q, g, 1, torch.tensor([0, 4]))
-    g[1, 0] = float("nan")
-    with pytest.raises(ValueError, match="NaN"):
-        topk_retrieval(q, g, 1)
+    with pytest.raises(ValueError, match="feature dims differ"):
+        topk_retrieval(q, torch.randn(4, 2), 1, engine=engine)
+    with pytest.raises(ValueError, match="k must be"):
+        topk_retrieval(q, g, 0, engine=engine)
+    with pytest.raises(ValueError, match="exclude_indices"):
+        topk_retrieval(q, g, 1, torch.tensor([0, 4]), engine=engine)
+    for bad in (float("nan"), float("inf")):
+        g[1, 0] = bad
+        with pytest.raises(ValueError, match="NaN or inf"):
+            topk_retrieval(q, g, 1, engine=engine)
+        with pytest.raises(ValueError, match="NaN or inf"):
+            topk_retrieval(g, q, 1, engine=engine)
 
 
 def test_ranked_names_follow_topk_order():

@@ -27,7 +27,7 @@ from data_utils import DataError, SkipBadSamples, build_transform, make_loader
 from dataset_registry import DatasetSpec, RetrievalTask, get_dataset, resolve_dataset_root
 from distributed import DistributedEnv, any_rank, barrier, cleanup_distributed, init_distributed, wrap_model
 from inference import run_directory
-from metrics import metrics_table
+from metrics import metric_meanings, metrics_table, metrics_table_with_legend
 from model import SSNModel, parse_pretrained
 from model.loss import create_loss
 from precision import effective_precision, grad_scaler
@@ -318,6 +318,7 @@ def report(run: RunContext, state: TrainState) -> None:
     summary = {
         "best_metric_name": args.best_metric, "best_metric": best["value"], "best_epoch": best["epoch"],
         "best_metrics": best["metrics"],
+        "legend": metric_meanings([*(best["metrics"] or {}), *state.best_by]),  # what each metric name means
         "best_by": {criterion: {"value": b["value"], "epoch": b["epoch"]} for criterion, b in state.best_by.items()},
         "epochs": state.epoch, "steps": state.global_step,
         "precision": run.precision, "eval_precision": run.eval_precision,  # what ran, after effective_precision
@@ -325,8 +326,12 @@ def report(run: RunContext, state: TrainState) -> None:
     }
     utils.atomic_write_json(run.output_dir / "summary.json", summary)
     write_run_report_safely(run.output_dir, device=str(run.device))
-    run.logger.info("done: best %s %s (epoch %s); checkpoints in %s", args.best_metric, best["value"], best["epoch"],
-                    run.checkpoint_dir)
+    if best["metrics"]:
+        run.logger.info("best validation (epoch %s):\n%s", best["epoch"], metrics_table_with_legend(best["metrics"]))
+    value = "-" if best["value"] is None else f"{best['value']:.2f}"
+    meaning = summary["legend"].get(args.best_metric, "")
+    run.logger.info("done: best %s %s (epoch %s; %s = %s); checkpoints in %s", args.best_metric, value, best["epoch"],
+                    args.best_metric, meaning, run.checkpoint_dir)
 
 
 # ---------------------------------------------------------------------------------------------- entry points
