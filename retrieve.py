@@ -5,7 +5,10 @@
 
 Prints the top-k gallery paths with their cosine scores. The gallery features are cached on disk
 (feature_cache.py), keyed by the checkpoint's content and the gallery's files (paths, sizes, mtimes), so
-the next query against the same folder only encodes the query.
+the next query against the same folder only encodes the query.  Search is exact (retrieval.py; faiss when
+installed, else torch, same results); for galleries past memory, ``--ann hnsw|ivfpq`` searches an
+approximate faiss index (ann.py) saved beside the feature cache entry, so later queries load it instead of
+the gallery features.
 """
 from __future__ import annotations
 
@@ -20,11 +23,12 @@ import utils
 from data_utils import list_gallery_images, load_image
 from dataset_registry import Query, RetrievalTask
 from evaluation import ModelRetrieval
-from feature_cache import cached_gallery_features, checkpoint_identity, file_list_identity
+from ann import ANN_KINDS, ANNConfig, ann_search, index_file_name, load_or_build_index
+from feature_cache import cache_key, cached_gallery_features, checkpoint_identity, file_list_identity
 from distributed import init_distributed
 from inference import load_trained_model, preprocessing_settings
 from precision import EVAL_PRECISION_HELP, PRECISIONS, effective_precision
-from retrieval import topk_retrieval
+from retrieval import ENGINES, topk_retrieval
 from viz.examples import QueryExample, word_selection
 from viz.grid import draw_retrieval_grid
 
@@ -42,6 +46,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--num_workers", type=int, default=0)
     parser.add_argument("--device", default=None)
     parser.add_argument("--precision", choices=PRECISIONS, default="fp32", help=EVAL_PRECISION_HELP)
+    parser.add_argument("--retrieval_engine", choices=ENGINES, default="auto",
+                        help="exact search: faiss, torch, or auto (faiss when installed); the results are the same")
+    parser.add_argument("--ann", choices=ANN_KINDS, default=None,
+                        help="approximate search with a faiss index saved beside the feature cache (default: exact)")
     return parser
 
 
@@ -61,18 +69,28 @@ def main(argv: Sequence[str] | None = None) -> list[tuple[Path, float]]:
     task = RetrievalTask("folder", "folder", "", Path(args.gallery_dir), names, [Query("0", args.reference, args.text)],
                          image_path=Path, annotations=[])
     method = ModelRetrieval(trained.model, "ssn", trained.transform, device, precision, args.batch_size, args.num_workers)
-    gallery_feats = cached_gallery_features(
-        args.cache_dir, checkpoint_identity(args.checkpoint), str(Path(args.gallery_dir).resolve()), names, method.name,
-        lambda: method.encode_gallery(task),
-        extra={"files": file_list_identity(files), **preprocessing_settings(trained, precision)},
-    )
+    checkpoint_id, split = checkpoint_identity(args.checkpoint), str(Path(args.gallery_dir).resolve())
+    extra = {"files": file_list_identity(files), **preprocessing_settings(trained, precision)}
+
+    def gallery_feats() -> torch.Tensor:
+        return cached_gallery_features(args.cache_dir, checkpoint_id, split, names, method.name,
+                                       lambda: method.encode_gallery(task), extra=extra)
+
     query = method.encode_queries(task)
     # As in CIRR, the reference itself is no answer when it lies in the gallery folder.
     resolved = [f.resolve() for f in files]
     reference_path = Path(args.reference).resolve()
     exclude = torch.tensor([resolved.index(reference_path) if reference_path in resolved else -1])
-    scores, indices = topk_retrieval(query, gallery_feats, args.top_k, exclude)
-    results = [(files[i], s) for i, s in zip(indices[0].tolist(), scores[0].tolist())]
+    if args.ann:
+        # The index file shares the feature cache entry's key (gallery_<key>.pt), so it follows the same inputs.
+        config, size, dim = ANNConfig(kind=args.ann), len(names), query.shape[1]
+        stem = f"gallery_{cache_key(checkpoint_id, split, names, method.name, extra)}"
+        index_path = Path(args.cache_dir) / index_file_name(stem, config, size, dim)
+        index, _ = load_or_build_index(index_path, config, size, dim, gallery_feats)
+        scores, indices = ann_search(index, query, args.top_k, config, exclude)
+    else:
+        scores, indices = topk_retrieval(query, gallery_feats(), args.top_k, exclude, engine=args.retrieval_engine)
+    results = [(files[i], s) for i, s in zip(indices[0].tolist(), scores[0].tolist()) if i >= 0]
     for rank, (path, score) in enumerate(results, start=1):
         print(f"{rank:>3}  {score:.4f}  {path}")
 
