@@ -15,6 +15,7 @@ from typing import Sequence
 import utils
 from inference import write_cirr_test_submission
 from precision import EVAL_PRECISION_HELP, PRECISIONS
+from retrieval import ENGINE_HELP, ENGINES, use_engine
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -27,16 +28,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--num_workers", type=int, default=0)
     parser.add_argument("--device", default=None)
     parser.add_argument("--precision", choices=PRECISIONS, default="fp32", help=EVAL_PRECISION_HELP)
+    parser.add_argument("--retrieval_engine", choices=ENGINES, default="auto", help=ENGINE_HELP)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> tuple[Path, Path]:
     args = build_parser().parse_args(argv)
     utils.setup_logging(None)
-    return write_cirr_test_submission(
-        args.checkpoint, args.submission_name, data_root=args.data_root, output_dir=args.output_dir,
-        batch_size=args.batch_size, num_workers=args.num_workers, device=args.device, precision=args.precision,
-    )
+    with use_engine(args.retrieval_engine):
+        return write_cirr_test_submission(
+            args.checkpoint, args.submission_name, data_root=args.data_root, output_dir=args.output_dir,
+            batch_size=args.batch_size, num_workers=args.num_workers, device=args.device, precision=args.precision,
+        )
 
 
 if __name__ == "__main__":

@@ -41,11 +41,12 @@ import torch
 from torch import Tensor
 
 __all__ = [
-    "ENGINES", "topk_retrieval", "ranked_names", "cirr_rankings", "name_to_index", "check_lengths", "pair_scores",
+    "ENGINES", "ENGINE_HELP", "topk_retrieval", "ranked_names", "cirr_rankings", "name_to_index", "check_lengths", "pair_scores",
     "resolve_engine", "use_engine", "set_default_engine", "default_engine", "faiss_module",
 ]
 
 ENGINES = ("auto", "faiss", "torch")
+ENGINE_HELP = "exact search engine: faiss, torch, or auto (faiss when installed, else torch); the rankings are identical"
 MIN_MARGIN = 16  # candidates beyond k per query (at least; k // 4 for large k)
 WIDEN = 4  # growth of an uncertified query's candidate list
 FAISS_GALLERY_BLOCK = 1 << 18  # gallery rows per faiss call (bounds the float32 copy of fp16 / bf16 galleries)

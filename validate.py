@@ -14,6 +14,7 @@ from typing import Sequence
 import utils
 from inference import validate_checkpoint
 from precision import EVAL_PRECISION_HELP, PRECISIONS
+from retrieval import ENGINE_HELP, ENGINES, use_engine
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -31,17 +32,19 @@ def build_parser() -> argparse.ArgumentParser:
                         help="re-encode the galleries instead of using <run>/feature_cache (keyed by the checkpoint's content)")
     parser.add_argument("--visualize", type=int, default=0, metavar="K",
                         help="also write a retrieval grid (PNG + HTML) of K queries, successes and failures, beside the metrics JSON")
+    parser.add_argument("--retrieval_engine", choices=ENGINES, default="auto", help=ENGINE_HELP)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, float]]:
     args = build_parser().parse_args(argv)
     utils.setup_logging(None)
-    return validate_checkpoint(
-        args.checkpoint, data_root=args.data_root, baselines=args.baselines, output=args.output,
-        batch_size=args.batch_size, num_workers=args.num_workers, device=args.device, precision=args.precision,
-        use_cache=not args.no_cache, visualize=args.visualize,
-    )
+    with use_engine(args.retrieval_engine):
+        return validate_checkpoint(
+            args.checkpoint, data_root=args.data_root, baselines=args.baselines, output=args.output,
+            batch_size=args.batch_size, num_workers=args.num_workers, device=args.device, precision=args.precision,
+            use_cache=not args.no_cache, visualize=args.visualize,
+        )
 
 
 if __name__ == "__main__":

@@ -16,12 +16,14 @@ from typing import Any, Sequence
 import utils
 from cvsi.params import build_parser
 from cvsi.pipeline import results_text, run
+from retrieval import use_engine
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = build_parser().parse_args(argv)
     utils.setup_logging(None)
-    result = run(args)
+    with use_engine(args.retrieval_engine):
+        result = run(args)
     if "metrics" in result:
         print(results_text(result["metrics"]))
     return result

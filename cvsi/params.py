@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from cvsi.fusion import COMPONENTS, GROUPS, PRESETS, SCORINGS
 from cvsi.presets import PRESETS as OPTION_PRESETS
 from dataset_registry import DATASETS
+from retrieval import ENGINE_HELP, ENGINES
 
 __all__ = ["DESCRIPTION", "build_parser", "parse_config"]
 
@@ -110,6 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     run_group.add_argument("--num_workers", type=int, default=0)
     run_group.add_argument("--device", default=None)
     run_group.add_argument("--seed", type=int, default=0)
+    run_group.add_argument("--retrieval_engine", choices=ENGINES, default="auto", help=ENGINE_HELP)
     return parser
 
 

@@ -94,38 +94,3 @@ def test_without_faiss_the_error_says_what_to_install(monkeypatch):
     with pytest.raises(ValueError, match="pip install faiss-cpu"):
         build_index(clustered(10), ANNConfig())
 
-
-def test_retrieve_builds_the_index_once_beside_the_feature_cache(tmp_path, monkeypatch):
-    """retrieve.py --ann: the first run encodes the gallery and saves the index next to its cache entry
-    (same key); the next run loads the index and never touches the gallery features.  On a 40-image
-    folder HNSW finds the exact ranking, which both exact engines give too."""
-    import retrieve
-    import train_cirr
-    from synthetic import make_synthetic_cirr
-
-    make_synthetic_cirr(tmp_path / "data", num_train=32, num_val=40, num_test=4, image_size=32)
-    run = train_cirr.main([
-        "--data_root", str(tmp_path / "data"), "--clip_model_name", "ViT-Tiny-P8-32", "--pretrained", "none",
-        "--num_epochs", "1", "--batch_size", "16", "--num_workers", "0", "--device", "cpu",
-        "--output_dir", str(tmp_path / "run"),
-    ])
-    gallery = tmp_path / "data" / "cirr_dataset" / "dev"
-    cache = tmp_path / "cache"
-    argv = ["--checkpoint", str(next((run / "checkpoints").glob("*.pt"))), "--reference", str(sorted(gallery.glob("*.png"))[0]),
-            "--text", "make the circle blue", "--gallery_dir", str(gallery), "--top_k", "5", "--cache_dir", str(cache),
-            "--device", "cpu"]
-    exact = {engine: retrieve.main(argv + ["--retrieval_engine", engine]) for engine in ("torch", "faiss")}
-    assert exact["torch"] == exact["faiss"] and len(exact["torch"]) == 5
-    first = retrieve.main(argv + ["--ann", "hnsw"])
-    (entry,) = cache.glob("gallery_*.pt")
-    (index_file,) = cache.glob("gallery_*.faiss")
-    assert index_file.name.startswith(entry.stem + ".hnsw")
-    assert [p for p, _ in first] == [p for p, _ in exact["torch"]]
-    for (_, a), (_, b) in zip(first, exact["torch"]):
-        assert a == pytest.approx(b, abs=1e-5)
-
-    def no_features(*args, **kwargs):
-        raise AssertionError("the gallery features were read")
-
-    monkeypatch.setattr(retrieve, "cached_gallery_features", no_features)
-    assert retrieve.main(argv + ["--ann", "hnsw"]) == first

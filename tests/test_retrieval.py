@@ -1,10 +1,17 @@
 """Tests for retrieval.py: both engines (faiss, torch) against a dense stable sort, ties, input checks."""
 
+from pathlib import Path
+
 import pytest
 import torch
 
+import cirr_test_submission
 import retrieval
+import retrieve
+import train_cirr
+import validate
 from retrieval import cirr_rankings, ranked_names, resolve_engine, topk_retrieval, use_engine
+from synthetic import make_synthetic_cirr
 
 HAS_FAISS = retrieval.faiss_module() is not None
 ENGINES = ["torch", pytest.param("faiss", marks=pytest.mark.skipif(not HAS_FAISS, reason="faiss not installed"))]
@@ -204,3 +211,69 @@ def test_cirr_subset_ranking_is_the_full_ranking_restricted_to_the_members():
         assert full[q] == dense
         allowed = set(members[q]) - {references[q]}
         assert subset[q] == [n for n in dense if n in allowed][:3]
+
+
+# ---------------------------------------------------------------------------------------------
+# the scripts' --retrieval_engine
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory) -> tuple[Path, Path]:
+    """(checkpoint, data root) of a one-epoch run of the tiny model on a small synthetic CIRR."""
+    root = tmp_path_factory.mktemp("engines")
+    make_synthetic_cirr(root / "data", num_train=32, num_val=40, num_test=20, image_size=32)  # test1 gallery > 50
+    run = train_cirr.main([
+        "--data_root", str(root / "data"), "--clip_model_name", "ViT-Tiny-P8-32", "--pretrained", "none",
+        "--num_epochs", "1", "--batch_size", "16", "--num_workers", "0", "--device", "cpu",
+        "--output_dir", str(root / "run"),
+    ])
+    return next((run / "checkpoints").glob("*.pt")), root / "data"
+
+
+@pytest.mark.skipif(not HAS_FAISS, reason="faiss not installed")
+def test_validation_and_submission_are_the_same_with_either_engine(tiny_run, tmp_path, monkeypatch):
+    checkpoint, _ = tiny_run
+    used = []
+    for name in ("_faiss_candidates", "_torch_candidates"):
+        real = getattr(retrieval, name)
+        monkeypatch.setattr(retrieval, name, lambda *a, _real=real, _name=name: used.append(_name) or _real(*a))
+    results = {}
+    for engine in ("faiss", "torch"):
+        used.clear()
+        metrics = validate.main(["--checkpoint", str(checkpoint), "--device", "cpu", "--no_cache",
+                                 "--output", str(tmp_path / f"{engine}.json"), "--retrieval_engine", engine])
+        files = cirr_test_submission.main(["--checkpoint", str(checkpoint), "--submission_name", engine, "--device", "cpu",
+                                           "--output_dir", str(tmp_path / engine), "--retrieval_engine", engine])
+        assert set(used) == {f"_{engine}_candidates"}  # the flag chose the engine
+        assert retrieval.default_engine() == "auto"  # and was scoped to the script
+        results[engine] = metrics, [f.read_bytes() for f in files]
+    assert results["faiss"] == results["torch"]
+
+
+@pytest.mark.skipif(not HAS_FAISS, reason="faiss not installed")
+def test_retrieve_builds_the_index_once_beside_the_feature_cache(tiny_run, tmp_path, monkeypatch):
+    """retrieve.py --ann: the first run encodes the gallery and saves the index next to its cache entry
+    (same key); the next run loads the index and never touches the gallery features.  On a 40-image
+    folder HNSW finds the exact ranking, which both exact engines give too."""
+    checkpoint, data = tiny_run
+    gallery = data / "cirr_dataset" / "dev"
+    cache = tmp_path / "cache"
+    argv = ["--checkpoint", str(checkpoint), "--reference", str(sorted(gallery.glob("*.png"))[0]),
+            "--text", "make the circle blue", "--gallery_dir", str(gallery), "--top_k", "5", "--cache_dir", str(cache),
+            "--device", "cpu"]
+    exact = {engine: retrieve.main(argv + ["--retrieval_engine", engine]) for engine in ("torch", "faiss")}
+    assert exact["torch"] == exact["faiss"] and len(exact["torch"]) == 5
+    first = retrieve.main(argv + ["--ann", "hnsw"])
+    (entry,) = cache.glob("gallery_*.pt")
+    (index_file,) = cache.glob("gallery_*.faiss")
+    assert index_file.name.startswith(entry.stem + ".hnsw")
+    assert [p for p, _ in first] == [p for p, _ in exact["torch"]]
+    for (_, a), (_, b) in zip(first, exact["torch"]):
+        assert a == pytest.approx(b, abs=1e-5)
+
+    def no_features(*args, **kwargs):
+        raise AssertionError("the gallery features were read")
+
+    monkeypatch.setattr(retrieve, "cached_gallery_features", no_features)
+    assert retrieve.main(argv + ["--ann", "hnsw"]) == first
