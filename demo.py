@@ -7,6 +7,8 @@
 4. writes the CIRR test1 submission files as cirr_test_submission.py does.
 
     python demo.py --output_dir demo_output
+
+Each step logs when it starts; long loops log a progress line every 30 s (a bar on a terminal).
 """
 from __future__ import annotations
 
@@ -17,20 +19,19 @@ from pathlib import Path
 from typing import Sequence
 
 import utils
-from inference import validate_checkpoint, write_cirr_test_submission
-from metrics import metrics_table
-from synthetic import make_synthetic_cirr
-from training.main import run
-from training.params import parse_train_args
+
+STEPS = 4
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--output_dir", default="demo_output")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--clip_model_name", default="ViT-Tiny-P8-32")
-    parser.add_argument("--num_epochs", type=int, default=8)
-    parser.add_argument("--num_workers", type=int, default=2)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--output_dir", default="demo_output",
+                        help="folder for the dataset (data/) and the run (run/); a previous demo there is replaced")
+    parser.add_argument("--seed", type=int, default=0, help="seeds the synthetic data and the training")
+    parser.add_argument("--clip_model_name", default="ViT-Tiny-P8-32", help="open_clip model, random weights")
+    parser.add_argument("--num_epochs", type=int, default=8, help="training epochs")
+    parser.add_argument("--num_workers", type=int, default=2, help="data loader workers")
     return parser
 
 
@@ -39,12 +40,21 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, float]]:
     start = time.time()
     output_dir = Path(args.output_dir)
     logger = utils.setup_logging(None)
+    # Imported after parsing: --help needs neither torch nor open_clip.
+    from inference import new_validation_dir, validate_checkpoint, write_cirr_test_submission
+    from metrics import metrics_table_with_legend
+    from synthetic import make_synthetic_cirr
+    from training.main import run
+    from training.params import parse_train_args
 
+    logger.info("[1/%d] writing a synthetic CIRR dataset to %s", STEPS, output_dir / "data")
     data_root = make_synthetic_cirr(output_dir / "data", seed=args.seed)
     logger.info("synthetic CIRR dataset written to %s", data_root)
 
     # A tiny randomly initialised backbone needs a larger learning rate than the fine-tuning recipe
     # (lr 5e-5 for pretrained CLIP); the parameter groups and their ratios are the official ones.
+    logger.info("[2/%d] training SSN for %d epochs (the longest step; each epoch logs its loss and time)",
+                STEPS, args.num_epochs)
     run_dir = run(parse_train_args("cirr", [
         "--data_root", str(data_root), "--clip_model_name", args.clip_model_name, "--pretrained", "none",
         "--num_epochs", str(args.num_epochs), "--batch_size", "64", "--lr", "1e-3", "--lr_ratio", "0.2",
@@ -54,13 +64,16 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, float]]:
     ]), "cirr")
     checkpoint = run_dir / "checkpoints" / "best.pt"
     utils.setup_logging(None)  # the run's log.txt ends with its training
-    results = validate_checkpoint(checkpoint, baselines=True, visualize=6)
+    logger.info("[3/%d] validating %s with the image-only, text-only and sum baselines", STEPS, checkpoint)
+    validation = new_validation_dir(checkpoint)
+    results = validate_checkpoint(checkpoint, baselines=True, visualize=6, output=str(validation / "validation.json"))
+    logger.info("[4/%d] writing the CIRR test1 submission", STEPS)
     recall_path, subset_path = write_cirr_test_submission(checkpoint, "demo")
 
     ssn_avg = results["ssn"]["Avg"]
     best_baseline = max(results[m]["Avg"] for m in results if m != "ssn")
     print("\nCIRR-format synthetic val (300 queries), recalls in %:")
-    print(metrics_table(results))
+    print(metrics_table_with_legend(results))
     print(f"\nSSN Avg {ssn_avg:.2f} vs best baseline {best_baseline:.2f} "
           f"({'SSN ahead' if ssn_avg > best_baseline else 'SSN NOT ahead'}); total time {time.time() - start:.0f} s")
     print(f"""
@@ -69,9 +82,9 @@ Where everything went:
   run (args, log)     {run_dir}/args.json, {run_dir}/log.txt
   metrics log         {run_dir}/metrics.jsonl
   checkpoints         {run_dir}/checkpoints/ (best.pt, last.pt)
-  validation metrics  {run_dir}/validation.json
-  retrieval examples  {run_dir}/validation_cirr_grid.png (and .html)
   curves and report   {run_dir}/curves.png, {run_dir}/report.md
+  validation          {validation}/validation.json, report.md
+  retrieval examples  {validation}/validation_cirr_grid.png (and .html)
   test1 submission    {recall_path}
                       {subset_path}""")
     return results

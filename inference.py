@@ -142,17 +142,24 @@ def validate_checkpoint(
     tasks = spec.tasks(root, spec.val_split, trained.train_args.get("dress_types"))
     methods = RETRIEVAL_METHODS if baselines else ("ssn",)
     output_path = Path(output) if output else new_validation_dir(checkpoint) / "validation.json"
+    _logger.info("validation outputs go to %s%s", output_path.parent,
+                 "" if output else " (a new folder: the run's own files are left as they are)")
     gallery_encoder = None
     if use_cache:
         gallery_encoder = checkpoint_gallery_encoder(checkpoint, run_directory(checkpoint) / "feature_cache",
                                                      preprocessing_settings(trained, precision))
     draw = _grid_writer(trained, checkpoint, visualize, output_path) if visualize > 0 else None
-    results = {
-        method: evaluate(ModelRetrieval(trained.model, method, trained.transform, device_, precision, batch_size,
-                                        num_workers),
-                         tasks, spec, gallery_encoder, on_features=draw if method == "ssn" else None)
-        for method in methods
-    }
+    try:
+        results = {
+            method: evaluate(ModelRetrieval(trained.model, method, trained.transform, device_, precision, batch_size,
+                                            num_workers),
+                             tasks, spec, gallery_encoder, on_features=draw if method == "ssn" else None)
+            for method in methods
+        }
+    except BaseException:
+        if output is None and not any(output_path.parent.iterdir()):
+            output_path.parent.rmdir()  # a failed validation leaves no empty folder behind
+        raise
     utils.atomic_write_json(output_path, {"checkpoint": str(checkpoint), "dataset": trained.dataset,
                                           "split": spec.val_split, "metrics": results})
     _logger.info("%s val, %s:\n%s\n%s", trained.dataset, checkpoint, metrics_table(results),
@@ -161,7 +168,7 @@ def validate_checkpoint(
     report = write_run_report_safely(run_directory(checkpoint), device=str(device_), validation_json=output_path,
                                      report_path=output_path.parent / "report.md")
     if report is not None:
-        _logger.info("run report written to %s", report)
+        _logger.info("report written to %s", report)
     return results
 
 

@@ -27,6 +27,9 @@ __all__ = [
     "selection_value",
     "metrics_table",
     "metric_legend",
+    "metric_meanings",
+    "table_keys",
+    "metrics_table_with_legend",
 ]
 
 CIRR_RECALL_KS = (1, 5, 10, 50)
@@ -269,26 +272,49 @@ def _key_kind(key: str) -> str | None:
     return None
 
 
-def metric_legend(keys: Sequence[str]) -> str:
-    """One line per kind of metric among ``keys``: ``"R@1, R@5: recall@k: ..."``, in order of first appearance.
+def metric_meanings(keys: Sequence[str]) -> dict[str, str]:
+    """``{key: what it means}`` for each of ``keys`` (as ``summary.json``'s "legend"); unknown keys get
+    '(no description)'.
 
     'mean' is explained by its context: the mean of the 7 recalls when CIRR's 'Rs@k' are among ``keys``,
-    FashionIQ's average of avg_R@10 and avg_R@50 otherwise.  Unknown keys are listed as such.
+    FashionIQ's average of avg_R@10 and avg_R@50 otherwise.
     """
     meanings = dict(_LEGEND)
-    groups: dict[str, list[str]] = {}
-    unknown: list[str] = []
+    is_cirr = any(re.fullmatch(r"Rs@\d+", key) for key in keys)
+    explained = {}
     for key in dict.fromkeys(keys):  # unique, in order
         kind = _key_kind(key)
-        if kind is None:
-            unknown.append(key)
+        if kind == "mean":
+            explained[key] = _MEAN_MEANINGS["cirr" if is_cirr else "fashioniq"]
         else:
-            groups.setdefault(kind, []).append(key)
-    is_cirr = any(re.fullmatch(r"Rs@\d+", key) for key in keys)
-    lines = []
-    for kind, members in groups.items():
-        meaning = _MEAN_MEANINGS["cirr" if is_cirr else "fashioniq"] if kind == "mean" else meanings[kind]
-        lines.append(f"{', '.join(members)}: {meaning}")
+            explained[key] = meanings[kind] if kind is not None else _UNKNOWN
+    return explained
+
+
+_UNKNOWN = "(no description)"
+
+
+def metric_legend(keys: Sequence[str]) -> str:
+    """One line per kind of metric among ``keys``: ``"R@1, R@5: recall@k: ..."``, in order of first appearance
+    (:func:`metric_meanings`); unknown keys last."""
+    groups: dict[str, list[str]] = {}
+    for key, meaning in metric_meanings(keys).items():
+        groups.setdefault(meaning, []).append(key)
+    unknown = groups.pop(_UNKNOWN, [])
+    lines = [f"{', '.join(members)}: {meaning}" for meaning, members in groups.items()]
     if unknown:
-        lines.append(f"{', '.join(unknown)}: (no description)")
+        lines.append(f"{', '.join(unknown)}: {_UNKNOWN}")
     return "\n".join(lines)
+
+
+def table_keys(metrics: Mapping[str, float] | Mapping[str, Mapping[str, float]]) -> list[str]:
+    """The metric names of a :func:`metrics_table` (the columns; a nested table's inner keys)."""
+    rows = [row for row in metrics.values() if isinstance(row, Mapping)] or [metrics]
+    return list(dict.fromkeys(key for row in rows for key in row))
+
+
+def metrics_table_with_legend(
+    metrics: Mapping[str, float] | Mapping[str, Mapping[str, float]], decimals: int = 2
+) -> str:
+    """:func:`metrics_table`, then its :func:`metric_legend`: every printed table says what its columns are."""
+    return f"{metrics_table(metrics, decimals)}\n{metric_legend(table_keys(metrics))}"

@@ -25,6 +25,7 @@ PRECISIONS = ("amp", "amp_bf16", "fp32")
 EVAL_PRECISION_HELP = ("precision of the evaluation forward passes: fp32 as the official evaluation (default), "
                        "or amp / amp_bf16 to autocast them (faster on GPU; features differ at the autocast's precision)")
 _logger = logging.getLogger("cir")
+_REPORTED_FALLBACKS: set[tuple[str, str]] = set()
 
 
 def effective_precision(precision: str, device: torch.device) -> str:
@@ -33,7 +34,9 @@ def effective_precision(precision: str, device: torch.device) -> str:
         raise ValueError(f"unknown precision {precision!r}; choose from {PRECISIONS}")
     if precision == "fp32" or device.type == "cuda" or (device.type == "cpu" and precision == "amp_bf16"):
         return precision
-    _logger.info("precision %s requested on %s: running in fp32", precision, device.type)
+    if (precision, device.type) not in _REPORTED_FALLBACKS:  # said once per process, not per caller
+        _REPORTED_FALLBACKS.add((precision, device.type))
+        _logger.info("precision %s requested on %s: running in fp32", precision, device.type)
     return "fp32"
 
 

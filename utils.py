@@ -17,12 +17,13 @@ import sys
 import time
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
-import pandas as pd
-import torch
-from torch import Tensor
+if TYPE_CHECKING:
+    import pandas as pd
+
+# numpy, pandas and torch are imported where used: every script imports this module, and `--help` should
+# not wait seconds for torch.
 
 __all__ = [
     "atomic_write_bytes",
@@ -123,6 +124,9 @@ def public_args(args: Mapping[str, Any]) -> dict[str, Any]:
 
 def set_seed(seed: int) -> None:
     """Seed Python, NumPy and torch (all CUDA devices too, when present)."""
+    import numpy as np
+    import torch
+
     random.seed(seed)
     np.random.seed(seed % 2**32)  # numpy only accepts 32-bit seeds
     torch.manual_seed(seed)
@@ -136,6 +140,9 @@ def seed_worker(worker_id: int) -> None:
     torch already gives each worker seed base_seed + worker_id, but not Python's ``random`` or
     NumPy, which would otherwise repeat the same stream in every worker.
     """
+    import numpy as np
+    import torch
+
     seed = torch.initial_seed() % 2**32
     random.seed(seed)
     np.random.seed(seed)
@@ -166,7 +173,7 @@ def setup_logging(output_dir: Path | None, level: int = logging.INFO) -> logging
 
 def _to_float(value: Any) -> float:
     """Python float from a number, 0-d tensor or NumPy scalar (JSON cannot hold tensors)."""
-    return float(value.item()) if isinstance(value, (Tensor, np.generic)) else float(value)
+    return float(value.item()) if hasattr(value, "item") else float(value)
 
 
 class MetricsLogger:
@@ -253,6 +260,8 @@ def read_metrics_log(path: str | os.PathLike) -> pd.DataFrame:
                 _logger.warning("%s: skipping truncated last line %d", path, number)
                 break
             raise ValueError(f"{path}: line {number} is not valid JSON ({exc})") from exc
+    import pandas as pd
+
     return pd.DataFrame.from_records(records)
 
 

@@ -31,7 +31,7 @@ from data_utils import TRANSFORM_REVISION, build_transform
 from dataset_registry import DatasetSpec, RetrievalTask, get_dataset, resolve_dataset_root
 from evaluation import evaluate
 from feature_cache import checkpoint_identity
-from metrics import metrics_table
+from metrics import metrics_table, metrics_table_with_legend
 from model import create_backbone, parse_pretrained
 
 __all__ = ["FULL_ROW", "PREDICTIONS_DIR", "fusion_rows", "run", "results_text"]
@@ -175,11 +175,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def results_text(metrics: Mapping[str, Mapping[str, float]]) -> str:
-    """A run's val figures as tables: every row's metrics, then CIRCO's mAP@10 per semantic aspect."""
+    """A run's val figures as tables, each with its legend: every row's metrics, then CIRCO's mAP@10 per
+    semantic aspect."""
     aspect = "mAP@10_"
     main = {row: {k: v for k, v in m.items() if not k.startswith(aspect)} for row, m in metrics.items()}
-    text = metrics_table(main)
+    text = metrics_table_with_legend(main)
     aspects = {row: {k.removeprefix(aspect): v for k, v in m.items() if k.startswith(aspect)} for row, m in metrics.items()}
     if any(aspects.values()):
-        text += "\n\nmAP@10 per semantic aspect\n" + metrics_table(aspects)
+        text += ("\n\nmAP@10 per semantic aspect\n" + metrics_table(aspects)
+                 + "\neach column: CIRCO mAP@10 over the queries that have this semantic aspect")
     return text

@@ -13,6 +13,9 @@ QuickGELU ``x·σ(1.702x)``, which open_clip 3.x builds only for ``*-quickgelu``
 """
 from __future__ import annotations
 
+import contextlib
+import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -240,6 +243,29 @@ def resolve_quick_gelu(model_name: str, pretrained: str | None = None, quick_gel
     return bool((open_clip.get_model_config(model_name) or {}).get("quick_gelu", False))
 
 
+class _RandomInitWarningFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(_RANDOM_INIT_WARNING)
+
+
+_RANDOM_INIT_WARNING = "No pretrained weights loaded"
+
+
+@contextlib.contextmanager
+def _quiet_random_init() -> Iterator[None]:
+    """Drop open_clip's "No pretrained weights loaded ... initialized randomly" warning (root logger).
+
+    Random weights are either asked for (training logs its own line saying so) or the start of loading a
+    checkpoint's weights, where the warning is wrong; said once per backbone it filled the demo's output.
+    """
+    root, quiet = logging.getLogger(), _RandomInitWarningFilter()
+    root.addFilter(quiet)
+    try:
+        yield
+    finally:
+        root.removeFilter(quiet)
+
+
 def create_backbone(
     model_name: str,
     pretrained: str | None = None,
@@ -279,9 +305,10 @@ def create_backbone(
             )
     use_quick_gelu = resolve_quick_gelu(model_name, pretrained, quick_gelu)
     # force_quick_gelu also keeps open_clip's tag check quiet; the keyword sets GELU for a -quickgelu name.
-    clip_model = open_clip.create_model(
-        model_name, pretrained=pretrained or None, precision=precision, device=device,
-        force_quick_gelu=use_quick_gelu, quick_gelu=use_quick_gelu,
-    )
+    with _quiet_random_init():
+        clip_model = open_clip.create_model(
+            model_name, pretrained=pretrained or None, precision=precision, device=device,
+            force_quick_gelu=use_quick_gelu, quick_gelu=use_quick_gelu,
+        )
     tokenizer = open_clip.get_tokenizer(model_name)
     return CLIPBackbone(clip_model, tokenizer, model_name)

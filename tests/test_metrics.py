@@ -10,6 +10,8 @@ from metrics import (
     cirr_metrics,
     fiq_metrics,
     metric_legend,
+    metric_meanings,
+    metrics_table_with_legend,
     metrics_table,
     recall_at_k,
     selection_value,
@@ -183,3 +185,19 @@ def test_metric_legend_explains_every_key_once_by_kind():
     assert circo[0].startswith("mAP@5, mAP@10: CIRCO mean average precision")
     assert circo[2].startswith("mAP@10_addition: CIRCO mAP@10 over the queries with one semantic aspect")
     assert circo[-1] == "bogus: (no description)"
+
+
+def test_every_printed_table_carries_its_legend():
+    nested = {"ssn": {"R@1": 10.0, "Rs@1": 20.0, "mean": 15.0}, "image": {"R@1": 5.0, "Rs@1": 7.0, "mean": 6.0}}
+    text = metrics_table_with_legend(nested).splitlines()
+    assert text[-3:] == metric_legend(["R@1", "Rs@1", "mean"]).splitlines()
+    assert text[-1].startswith("mean: mean of the 7 CIRR recalls")
+    flat = metrics_table_with_legend({"avg_R@10": 1.0, "mean": 2.0}).splitlines()
+    assert flat[-1].startswith("mean: (avg_R@10 + avg_R@50) / 2")
+
+
+def test_metric_meanings_name_each_key():
+    meanings = metric_meanings(["R@1", "Rs@1", "mean", "bogus"])
+    assert list(meanings) == ["R@1", "Rs@1", "mean", "bogus"]
+    assert meanings["mean"].startswith("mean of the 7 CIRR recalls") and meanings["bogus"] == "(no description)"
+    assert metric_meanings(["avg_R@10", "mean"])["mean"].startswith("(avg_R@10 + avg_R@50) / 2")

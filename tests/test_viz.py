@@ -180,8 +180,23 @@ def test_validate_visualize_writes_grid_html_and_report(tmp_path: Path, run: Pat
     assert text.count("SUCCESS") + text.count("FAILURE") >= 4
     links = [part.split('"')[0] for part in text.split('<img src="')[1:]]
     assert len(links) >= 4 * 11 and all((page.parent / link).is_file() for link in links)
-    report = (run / "report.md").read_text()
-    assert "ours: validate.py, ssn" in report and "metrics_cirr_grid.png" in report
+    report = (tmp_path / "val" / "report.md").read_text()  # beside the metrics, the run's own report untouched
+    assert "ours: validate.py, ssn" in report and "](metrics_cirr_grid.png)" in report
+    assert "](../" in report and "curves.png)" in report  # the run's curves, linked from here
+    assert "ours: validate.py" not in (run / "report.md").read_text()
+
+
+def test_validate_never_replaces_the_run_s_outputs(run: Path) -> None:
+    # Without --output every validation gets a new folder; what training wrote stays byte for byte.
+    before = {name: (run / name).read_bytes() for name in ("report.md", "curves.png", "summary.json")}
+    checkpoint = str(run / "checkpoints" / "best.pt")
+    for number in (1, 2):
+        validate.main(["--checkpoint", checkpoint, "--visualize", "2", "--device", "cpu"])
+        folder = run / "validation" / f"best-{number:03d}"
+        assert (folder / "validation.json").is_file() and (folder / "validation_cirr_grid.png").is_file()
+        assert "ours: validate.py, ssn" in (folder / "report.md").read_text()
+    assert {name: (run / name).read_bytes() for name in before} == before
+    assert not (run / "validation.json").exists()
 
 
 def test_plot_curves_cli(tmp_path: Path, run: Path) -> None:

@@ -21,6 +21,7 @@ import torch
 
 import utils
 from dataset_registry import DATASETS
+from metrics import metric_meanings
 from viz.curves import best_epoch, plot_training_curves, read_epoch_metrics
 from viz.grid import relative_link
 
@@ -74,15 +75,20 @@ def _environment(device: str | None) -> list[tuple[str, str]]:
 
 def write_run_report(
     run_dir: str | os.PathLike, device: str | None = None, validation_json: str | os.PathLike | None = None,
+    report_path: str | os.PathLike | None = None,
 ) -> Path:
-    """Write ``<run_dir>/report.md`` (and ``curves.png`` from ``metrics.jsonl``) and return its path.
+    """Write the run's report (default ``<run_dir>/report.md``, with ``curves.png`` drawn from ``metrics.jsonl``)
+    and return its path.
 
     Uses whatever the run folder holds: ``args.json``, ``summary.json`` (best validation during
     training), ``metrics.jsonl``, and the validation JSON of ``validate.py`` (default
-    ``<run_dir>/validation.json``) with the grids beside it. Missing parts are left out.
+    ``<run_dir>/validation.json``) with the grids beside it. Missing parts are left out.  A report elsewhere
+    (``report_path``: a validation's own folder) links the run's curves and leaves the run's files as they are.
     """
     run_dir = Path(run_dir)
     validation_json = Path(validation_json) if validation_json else run_dir / "validation.json"
+    report = Path(report_path) if report_path else run_dir / "report.md"
+    owns_run_files = report.parent.resolve() == run_dir.resolve()
     args = _read_json_if_present(run_dir / "args.json") or {}
     summary = _read_json_if_present(run_dir / "summary.json") or {}
     validation = _read_json_if_present(validation_json) or {}
@@ -92,7 +98,8 @@ def write_run_report(
     best_key = f"val/{summary.get('best_metric_name', 'mean')}"
     if (run_dir / "metrics.jsonl").is_file():
         per_epoch = read_epoch_metrics(run_dir / "metrics.jsonl")
-        plot_training_curves(run_dir / "metrics.jsonl", curves, best_key=best_key)
+        if owns_run_files:
+            plot_training_curves(run_dir / "metrics.jsonl", curves, best_key=best_key)
     best = summary.get("best_epoch") or (best_epoch(per_epoch, best_key) if per_epoch is not None else None)
 
     columns: list[tuple[str, Mapping[str, float]]] = []
@@ -110,7 +117,8 @@ def write_run_report(
         keys += [k for k in metrics if k not in keys]
 
     model = args.get("clip_model_name", "?")
-    lines = [f"# Run report: {run_dir.name}", "", f"Written {datetime.now():%Y-%m-%d %H:%M:%S}.", "", "## Metrics (%)", ""]
+    title = f"Run report: {run_dir.name}" if owns_run_files else f"Validation report: {run_dir.name}, {report.parent.name}"
+    lines = [f"# {title}", "", f"Written {datetime.now():%Y-%m-%d %H:%M:%S}.", "", "## Metrics (%)", ""]
     if columns:
         lines += [
             f"**ours** = this run: `{model}` (pretrained: `{args.get('pretrained', '?')}`) on the *val* split of "
@@ -121,28 +129,36 @@ def write_run_report(
             "",
             _markdown_table(["metric", *(label for label, _ in columns)],
                             [[key, *(f"{m[key]:.2f}" if key in m else "-" for _, m in columns)] for key in keys]),
+            "",
+            "What the metrics are:",
+            "",
+            *(f"- `{key}`: {meaning}" for key, meaning in metric_meanings(keys).items()),
         ]
     else:
         lines.append("No metrics yet.")
     if curves.is_file():
-        lines += ["", "## Training curves", "", f"![training curves]({curves.name})"]
+        lines += ["", "## Training curves", "", f"![training curves]({relative_link(curves, report.parent)})"]
     grids = sorted(validation_json.parent.glob(f"{validation_json.stem}_*_grid.png"))
     if grids:
         lines += ["", "## Retrieval examples", ""]
         for png in grids:
             page = png.with_suffix(".html")
-            link = f" ([HTML page]({relative_link(page, run_dir)}))" if page.is_file() else ""
-            lines += [f"![retrieval grid]({relative_link(png, run_dir)}){link}", ""]
+            link = f" ([HTML page]({relative_link(page, report.parent)}))" if page.is_file() else ""
+            lines += [f"![retrieval grid]({relative_link(png, report.parent)}){link}", ""]
     if summary:
         rows = [[k, v] for k, v in summary.items() if k not in ("best_metrics", "best_by")]
         rows += [[f"best {criterion}", f"{b['value']:.2f} (epoch {b['epoch']})"]
                  for criterion, b in (summary.get("best_by") or {}).items()]
         lines += ["", "## Training summary", "", _markdown_table(["", "value"], rows)]
+        if summary.get("best_by"):
+            lines += ["", "`best <metric>`: the best validation by that metric (see the legend above) and its epoch."]
     if args:
         shown = {k: ("(set, not shown)" if k in utils.SECRET_ARGS and v else v) for k, v in args.items()}
+        for name in ("precision", "eval_precision"):  # what was asked, and what ran when that differs
+            if name in shown and summary.get(name) not in (None, shown[name]):
+                shown[name] = f"{shown[name]} (ran {summary[name]} on this device)"
         lines += ["", "## Arguments", "", _markdown_table(["argument", "value"], sorted(shown.items()))]
     lines += ["", "## Environment", "", _markdown_table(["", "version"], _environment(device)), ""]
-    report = run_dir / "report.md"
     utils.atomic_write_bytes(report, "\n".join(lines).encode("utf-8"))
     return report
 
