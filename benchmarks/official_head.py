@@ -5,7 +5,7 @@ It follows docs/ssn.md step by step the way the official code runs it: the full 
 no key padding mask, and both KL terms with a probability target.  It reads the weights of an
 :class:`model.SSNHead`, so both forwards share parameters and can be compared output for output; any module
 with the official head's submodules works too, such as the official ``Model`` re-stated in
-``tests/reference/official_ssn.py``.
+:mod:`benchmarks.official_ssn`.
 """
 from __future__ import annotations
 

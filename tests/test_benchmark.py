@@ -1,7 +1,6 @@
-"""Smoke tests of benchmark.py on the tiny config (no timing assertions)."""
+"""Smoke tests of benchmark.py on tiny shapes (no timing assertions), and the pieces it relies on."""
 from __future__ import annotations
 
-import importlib.util
 import re
 
 import pytest
@@ -9,36 +8,74 @@ import torch
 
 import benchmark
 from benchmarks.official_head import official_ssn_loss
+from benchmarks.official_ssn import official_optimizer
 from benchmarks.retrieval import recall_vs_exact
+from benchmarks.step import check_official_step_equal, hf_clip_config, official_and_ssn_models, synthetic_batch
 from model import ssn_loss
+from retrieval import faiss_module
 
 
 def test_benchmark_main_runs_every_part_on_the_tiny_config(capsys):
     argv = [
         "--clip_model_name", "ViT-Tiny-P8-32", "--batch_size", "4", "--steps", "2", "--head_batch_size", "2",
-        "--rank_gallery_size", "100", "--retrieval_gallery", "3000", "--retrieval_queries", "7",
-        "--retrieval_chunk_size", "1024",
+        "--rank_gallery_size", "100", "--retrieval_gallery", "3000", "1000", "--retrieval_queries", "7",
+        "--retrieval_chunk_size", "1024", "--retrieval_repeats", "1",
     ]
-    if importlib.util.find_spec("faiss") is not None:
-        argv += ["--faiss", "flat"]
+    if faiss_module() is not None:
+        argv += ["--ann", "hnsw"]
     results = benchmark.main(argv)
     out = capsys.readouterr().out
     for heading in ("training step", "SSN head vs official head", "exact retrieval"):
         assert heading in out
     step, head, retrieval = results["step"], results["head"], results["retrieval"]
-    assert step.ssn_step_s > 0 and step.backbone_step_s > 0 and step.official_step_s > 0 and step.peak_bytes > 0
-    # The printed throughputs are the batch over the measured step times (4 triplets per step here).
+    assert step.peak_bytes > 0 and step.attention
     assert step.batch_size == 4 and step.rank_gallery_size == 100
-    for label, seconds in (("SSN step", step.ssn_step_s), ("backbone-only step", step.backbone_step_s),
-                           ("official step", step.official_step_s)):
+    # The printed throughputs are the batch over the measured step times (4 triplets per step here).
+    for label, seconds in (("SSN step", step.ssn_step_s), ("official step (HF towers)", step.official_step_s),
+                           ("official on our backbone", step.official_ours_step_s),
+                           ("backbone-only step", step.backbone_step_s)):
         line = next(line for line in out.splitlines() if line.startswith(label + " "))
-        printed_s, printed_rate = (float(x) for x in re.fullmatch(rf"{label}\s+(\S+) s\s+(\S+) triplets/s", line).groups())
+        printed_s, printed_rate = (float(x) for x in re.fullmatch(rf"{re.escape(label)}\s+(\S+) s\s+(\S+) triplets/s", line).groups())
+        assert seconds > 0
         assert printed_s == pytest.approx(seconds, abs=6e-4)  # printed with 3 decimals
         assert printed_rate == pytest.approx(4 / seconds, abs=6e-3)  # 2 decimals
+    assert f"{step.official_ratio:8.3f} x" in out
     assert head.max_abs_diff < 1e-4 and head.ours_s > 0
-    assert retrieval.gallery_size == 3000 and retrieval.seconds > 0
-    if retrieval.faiss_index == "flat":
-        assert retrieval.faiss_recall > 0.99  # an exact index agrees up to float ties
+    assert [r.gallery_size for r in retrieval] == [3000, 1000]
+    for r in retrieval:
+        assert r.project_s > 0 and r.torch_s > 0 and r.equal_to_torch
+        if r.faiss_s is not None:
+            assert r.same_sets_as_faiss == 7  # random features: no ties, faiss finds the same top-50 sets
+            assert 0 <= r.ann.recall <= 1 and r.ann.file_bytes > 0 and r.ann.load_s >= 0
+
+
+def test_official_model_and_ours_share_weights_and_loss():
+    """The benchmark's official model (Hugging Face towers of the tiny config's size) and our SSN model hold
+    the same weights and compute the same loss; a perturbed weight is noticed."""
+    official, ours = official_and_ssn_models("ViT-Tiny-P8-32", torch.device("cpu"))
+    config = hf_clip_config("ViT-Tiny-P8-32")
+    assert (config.vision_config.hidden_size, config.vision_config.num_attention_heads, config.vision_config.patch_size) == (64, 2, 8)
+    assert config.text_config.hidden_act == "quick_gelu" and ours.backbone.image_size == 32
+    batch = synthetic_batch(ours, 4, torch.device("cpu"))
+    assert check_official_step_equal(official, ours, batch) < 1e-4
+    # The official step's captions: padded with the end-of-text id, masked; the same ids where unpadded.
+    assert torch.equal(batch["input_ids"][batch["attention_mask"].bool()], batch["token_ids"][batch["attention_mask"].bool()])
+    assert (batch["input_ids"][~batch["attention_mask"].bool()] == 49407).all()
+    with torch.no_grad():
+        proj = ours.backbone.clip.visual.proj
+        proj.add_(torch.randn(proj.shape, generator=torch.Generator().manual_seed(0)))
+    with pytest.raises(AssertionError, match="differs from the official model's loss"):
+        check_official_step_equal(official, ours, batch)
+
+
+def test_official_optimizer_groups():
+    official, _ = official_and_ssn_models("ViT-Tiny-P8-32", torch.device("cpu"))
+    groups = official_optimizer(official, lr=1.0, lr_ratio=0.5).param_groups
+    names = {id(p): n for n, p in official.named_parameters()}
+    assert [g["lr"] for g in groups] == [1.0, 2.0, 2.0, 1.0, 0.5]
+    assert all("clip" in names[id(p)] for p in groups[4]["params"])
+    assert {names[id(p)].split(".")[0] for p in groups[0]["params"]} == {"combiner_layer", "output_layer", "dynamic_scalar"}
+    assert sum(len(g["params"]) for g in groups) == len(list(official.parameters()))
 
 
 def test_official_probability_target_loss_equals_ours():

@@ -1,6 +1,6 @@
 """End to end: a model of the official SSN code, saved the official way, converted, rebuilt, same outputs.
 
-The official model is the re-statement in ``tests/reference/official_ssn.py`` around a tiny random Hugging
+The official model is the re-statement in ``benchmarks/official_ssn.py`` around a tiny random Hugging
 Face CLIP (64-wide heads, QuickGELU, vision width 192 != text width 128 = embed size).
 """
 from __future__ import annotations
@@ -21,11 +21,11 @@ import convert_official_checkpoint
 import inference
 import retrieve
 import train_cirr
+from benchmarks.official_ssn import OfficialSSN
 from checkpoint import load_checkpoint
 from model import build_ssn_model, hf_clip, ssn_loss, ssn_model_from_checkpoint
 from model.official import OfficialCheckpointError, official_state_dict, ssn_model_from_official
 from synthetic import make_synthetic_cirr
-from tests.reference.official_ssn import OfficialSSN
 from training.model_setup import initial_model
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -1,4 +1,5 @@
-"""The official SSN ``Model`` (starxing-yuu/SSN, ``src/models/ssn.py``), re-stated for the fidelity tests.
+"""The official SSN ``Model`` (starxing-yuu/SSN, ``src/models/ssn.py``) and its optimiser, re-stated: the
+anchor of the training-step benchmark and the model of the official-checkpoint fidelity tests.
 
 Structure and names follow the official class, so its ``state_dict`` has the official checkpoint's keys:
 the Hugging Face towers as ``clip_text_model`` (``CLIPTextModelWithProjection``) and ``clip_vision_model``
@@ -12,7 +13,8 @@ The forward runs the official steps: the towers on ``input_ids`` + ``attention_m
 vision ``last_hidden_state`` (before ``post_layernorm``), the text ``last_hidden_state`` (after
 ``final_layer_norm``) and the projected ``image_embeds`` / ``text_embeds``; the head math and the loss are
 the step-by-step re-statement in :mod:`benchmarks.official_head` (sequence-first encoder over every token,
-one pass per branch, probability-target KL).  One fix, as in the project: the number of image tokens is
+one pass per branch, probability-target KL).  :func:`official_optimizer` is the official ``train_cirr.py``
+Adam with its five parameter groups.  One fix, as in the project: the number of image tokens is
 read from the vision tower instead of the official hard-coded 50 (ViT-B/32 at 224 px only).
 """
 from __future__ import annotations
@@ -23,7 +25,7 @@ import torch
 from torch import Tensor, nn
 from transformers import CLIPTextModelWithProjection, CLIPVisionModelWithProjection
 
-from benchmarks.official_head import official_compose, official_ssn_loss, official_target
+from .official_head import official_compose, official_ssn_loss, official_target
 
 
 class OfficialSSN(nn.Module):
@@ -84,3 +86,28 @@ class OfficialSSN(nn.Module):
     def save_official(self, path, epoch: int) -> None:
         """Save as the official ``save_model`` does: ``{'epoch': e, <class name 'Model'>: state_dict}``."""
         torch.save({"epoch": epoch, "Model": self.state_dict()}, path)
+
+
+def official_optimizer(model: nn.Module, lr: float, lr_ratio: float) -> torch.optim.Adam:
+    """The official ``train_cirr.py`` optimiser: Adam over five groups chosen by parameter name (``clip`` ->
+    backbone at lr·ratio; ``token_proj`` -> lr·ratio·2; ``token_type`` and ``fusion`` / ``token_selection``
+    -> lr·ratio·4; the rest of the head at lr), in the official order of the checks."""
+    groups: dict[str, list[nn.Parameter]] = {"head": [], "fusion": [], "modality": [], "proj": [], "clip": []}
+    for name, param in model.named_parameters():
+        if "clip" in name:
+            groups["clip"].append(param)
+        elif "token_proj" in name:
+            groups["proj"].append(param)
+        elif "token_type" in name:
+            groups["modality"].append(param)
+        elif "fusion" in name or "token_selection" in name:
+            groups["fusion"].append(param)
+        else:
+            groups["head"].append(param)
+    return torch.optim.Adam([
+        {"params": groups["head"]},
+        {"params": groups["fusion"], "lr": lr * lr_ratio * 4},
+        {"params": groups["modality"], "lr": lr * lr_ratio * 4},
+        {"params": groups["proj"], "lr": lr * lr_ratio * 2},
+        {"params": groups["clip"], "lr": lr * lr_ratio},
+    ], lr=lr)
