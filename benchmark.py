@@ -24,15 +24,16 @@ import argparse
 import os
 import platform
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 
 import utils
-from benchmarks.common import format_bytes
-from benchmarks.head import VIT_B32_SHAPES, run_head_benchmark
 from ann import ANN_KINDS
-from benchmarks.retrieval import RetrievalResult, run_retrieval_benchmark
-from benchmarks.step import run_step_benchmark
+
+if TYPE_CHECKING:
+    from benchmarks.retrieval import RetrievalResult
+# The benchmarks (the model, open_clip) are imported in main, after parsing: --help answers at once.
 
 HEAD_RATIO_TARGET = 0.4
 HEAD_OVERHEAD_TARGET = 0.05
@@ -42,30 +43,31 @@ MALLOC_SETTINGS = (*utils.MALLOC_ENV_SETTINGS, "LD_PRELOAD")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--clip_model_name", default="ViT-Tiny-P8-32", help="open_clip model name")
-    parser.add_argument("--batch_size", type=int, default=64)
+    parser.add_argument("--batch_size", type=int, default=64, help="triplets per training step")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1")
     parser.add_argument("--steps", type=int, default=5, help="timed repetitions per measurement (after one warm-up)")
     parser.add_argument("--grad_checkpointing", action="store_true",
                         help="recompute the backbone's blocks in the backward pass (compare the peak memory of two runs)")
-    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads; None: torch's choice")
     parser.add_argument("--rank_gallery_size", type=int, default=2265, help="gallery size for queries ranked/s (CIRR val: 2265)")
     parser.add_argument("--skip_step", action="store_true", help="skip the training-step / inference benchmark")
     parser.add_argument("--skip_head", action="store_true", help="skip the head-only comparison with the official head")
-    parser.add_argument("--head_batch_size", type=int, default=32)
-    parser.add_argument("--head_steps", type=int, default=None, help="repetitions of the head comparison (default: 2·steps)")
+    parser.add_argument("--head_batch_size", type=int, default=32, help="batch of the head-only comparison")
+    parser.add_argument("--head_steps", type=int, default=None, help="repetitions of the head comparison; None: 2·steps")
     parser.add_argument("--retrieval_gallery", type=int, nargs="*", default=[],
                         help="gallery sizes of the large-scale retrieval runs (e.g. 200000 1000000); none = skip")
-    parser.add_argument("--retrieval_queries", type=int, default=1000)
-    parser.add_argument("--retrieval_dim", type=int, default=512)
-    parser.add_argument("--retrieval_k", type=int, default=50)
+    parser.add_argument("--retrieval_queries", type=int, default=1000, help="queries of the large-scale retrieval runs")
+    parser.add_argument("--retrieval_dim", type=int, default=512, help="feature dimension of the retrieval runs")
+    parser.add_argument("--retrieval_k", type=int, default=50, help="results per query of the retrieval runs")
     parser.add_argument("--retrieval_dtype", choices=("float32", "float16"), default="float32", help="gallery storage")
-    parser.add_argument("--retrieval_chunk_size", type=int, default=4096)
+    parser.add_argument("--retrieval_chunk_size", type=int, default=4096, help="queries per block of the retrieval runs")
     parser.add_argument("--retrieval_repeats", type=int, default=3, help="interleaved repetitions of each retrieval timing")
     parser.add_argument("--ann", choices=ANN_KINDS, default=None,
                         help="also build an approximate index (saved and read back) and report its recall@k vs exact")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random weights, batches and features")
     parser.add_argument("--glibc_malloc_defaults", action="store_true",
                         help="do not tune the allocator as training does (utils.tune_cpu_allocator)")
     return parser
@@ -80,6 +82,8 @@ def _machine(device: torch.device, allocator_tuned: bool) -> str:
 
 
 def _print_retrieval(r: RetrievalResult) -> None:
+    from benchmarks.common import format_bytes
+
     print(f"\n== exact retrieval: {r.num_queries} queries x {r.gallery_size} gallery (D={r.dim}, {r.dtype} storage), "
           f"top-{r.k}, median of {r.repeats} interleaved")
     rate = r.num_queries / r.project_s
@@ -103,6 +107,11 @@ def _print_retrieval(r: RetrievalResult) -> None:
 def main(argv: Sequence[str] | None = None) -> dict[str, object]:
     """Run the selected benchmarks, print a report and return the raw results."""
     args = build_parser().parse_args(argv)
+    from benchmarks.common import format_bytes
+    from benchmarks.head import VIT_B32_SHAPES, run_head_benchmark
+    from benchmarks.retrieval import run_retrieval_benchmark
+    from benchmarks.step import run_step_benchmark
+
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)

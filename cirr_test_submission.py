@@ -13,20 +13,20 @@ from pathlib import Path
 from typing import Sequence
 
 import utils
-from inference import write_cirr_test_submission
 from precision import EVAL_PRECISION_HELP, PRECISIONS
 from retrieval import ENGINE_HELP, ENGINES, use_engine
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[1])
-    parser.add_argument("--checkpoint", required=True)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--checkpoint", required=True, help="a CIRR checkpoint written by train_cirr.py")
     parser.add_argument("--submission_name", required=True, help="files are named recall_submission_<name>.json etc.")
-    parser.add_argument("--data_root", default=None, help="default: the --data_root of the training run")
-    parser.add_argument("--output_dir", default=None, help="default: <run>/submission")
-    parser.add_argument("--batch_size", type=int, default=64)
-    parser.add_argument("--num_workers", type=int, default=0)
-    parser.add_argument("--device", default=None)
+    parser.add_argument("--data_root", default=None, help="dataset folder; None: the --data_root of the training run")
+    parser.add_argument("--output_dir", default=None, help="None: <run>/submission")
+    parser.add_argument("--batch_size", type=int, default=64, help="images per encoding batch")
+    parser.add_argument("--num_workers", type=int, default=0, help="DataLoader worker processes")
+    parser.add_argument("--device", default=None, help="cuda, cuda:1, cpu; None: cuda if available")
     parser.add_argument("--precision", choices=PRECISIONS, default="fp32", help=EVAL_PRECISION_HELP)
     parser.add_argument("--retrieval_engine", choices=ENGINES, default="auto", help=ENGINE_HELP)
     return parser
@@ -35,6 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> tuple[Path, Path]:
     args = build_parser().parse_args(argv)
     utils.setup_logging(None)
+    from inference import write_cirr_test_submission  # after parsing: --help needs no open_clip
+
     with use_engine(args.retrieval_engine):
         return write_cirr_test_submission(
             args.checkpoint, args.submission_name, data_root=args.data_root, output_dir=args.output_dir,

@@ -15,9 +15,6 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from checkpoint import load_weights_only, save_checkpoint
-from model.hf_clip import HFCLIPError, read_hf_config
-from model.official import OfficialCheckpointError, converted_checkpoint, official_state_dict, ssn_model_from_official
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -37,6 +34,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Convert; returns the exit status (bad input: one line on stderr, status 1)."""
     args = build_parser().parse_args(argv)
+    # Imported after parsing: --help needs neither torch nor open_clip.
+    from checkpoint import load_weights_only, save_checkpoint
+    from model.hf_clip import HFCLIPError, read_hf_config
+    from model.official import (
+        OfficialCheckpointError, converted_checkpoint, official_state_dict, ssn_model_from_official,
+    )
+
     output = Path(args.output)
     try:
         if output.exists() and not args.overwrite:

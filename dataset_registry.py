@@ -15,18 +15,14 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from torch import Tensor
-from torch.utils.data import Dataset
+if TYPE_CHECKING:
+    from torch import Tensor
+    from torch.utils.data import Dataset
 
-from data_utils import CIRCODataset, CIRRDataset, FashionIQDataset, join_fiq_captions
-from metrics import circo_metrics, cirr_metrics, fiq_metrics, selection_value, summarize_fiq
-from retrieval import ranked_names
-from submission import (
-    CIRCO_SUBMISSION_LENGTH, FIQ_RANKING_LENGTH, cirr_submission, write_circo_submission, write_cirr_submission,
-    write_fiq_rankings,
-)
+# The readers, metrics and writers (torch, open_clip's constants) are imported inside the entries' functions:
+# the training scripts build their parsers from this registry, and `--help` should not wait for torch.
 
 __all__ = [
     "Query",
@@ -89,8 +85,8 @@ class RetrievalTask:
 
 
 TaskReader = Callable[..., list[RetrievalTask]]  # (root, split, categories=None) -> tasks
-TaskMetrics = Callable[[RetrievalTask, Tensor, Tensor], dict[str, float]]
-TestWriter = Callable[[RetrievalTask, Tensor, Tensor, Path, str], list[Path]]
+TaskMetrics = Callable[[RetrievalTask, "Tensor", "Tensor"], dict[str, float]]
+TestWriter = Callable[[RetrievalTask, "Tensor", "Tensor", Path, str], list[Path]]
 
 
 @dataclass(frozen=True)
@@ -154,6 +150,8 @@ class DatasetSpec:
 
     def score(self, metrics: Mapping[str, float], criterion: str | None = None) -> float:
         """The value of ``criterion`` (default :attr:`best_metric`) that picks the best checkpoint."""
+        from metrics import selection_value
+
         return selection_value(metrics, self.selection_criteria, criterion, what=f"{self.name} checkpoint")
 
     def check_categories(self, categories: Sequence[str] | None) -> tuple[str, ...]:
@@ -225,6 +223,8 @@ def _field(task: RetrievalTask, name: str) -> list:
 
 # ---------------------------------------------------------------------------------------------- CIRR
 def _cirr_tasks(root: str | os.PathLike, split: str, categories: Sequence[str] | None = None) -> list[RetrievalTask]:
+    from data_utils import CIRRDataset
+
     CIRR.check_categories(categories)
     data = CIRRDataset(root, split, "relative", _no_transform)
     queries = [Query(str(t["pairid"]), t["reference"], t["caption"], t.get("target_hard", ""),
@@ -234,16 +234,22 @@ def _cirr_tasks(root: str | os.PathLike, split: str, categories: Sequence[str] |
 
 
 def _cirr_metrics(task: RetrievalTask, q: Tensor, g: Tensor) -> dict[str, float]:
+    from metrics import cirr_metrics
+
     return cirr_metrics(q, g, task.gallery, _field(task, "reference"), _field(task, "target"), _field(task, "members"))
 
 
 def _cirr_test_outputs(task: RetrievalTask, q: Tensor, g: Tensor, output_dir: Path, name: str) -> list[Path]:
+    from submission import cirr_submission, write_cirr_submission
+
     recall, subset = cirr_submission(q, g, task.gallery, _field(task, "reference"), _field(task, "members"),
                                      _field(task, "query_id"))
     return list(write_cirr_submission(output_dir, name, recall, subset, task.annotations))
 
 
 def _cirr_train(root: str | os.PathLike, transform: Callable, categories: Sequence[str] | None = None) -> Dataset:
+    from data_utils import CIRRDataset
+
     CIRR.check_categories(categories)
     return CIRRDataset(root, "train", "relative", transform)
 
@@ -262,6 +268,8 @@ CIRR = register_dataset(DatasetSpec(
 
 # ---------------------------------------------------------------------------------------------- FashionIQ
 def _fiq_tasks(root: str | os.PathLike, split: str, categories: Sequence[str] | None = None) -> list[RetrievalTask]:
+    from data_utils import FashionIQDataset, join_fiq_captions
+
     tasks = []
     for category in FASHIONIQ.check_categories(categories):
         data = FashionIQDataset(root, split, [category], "relative", _no_transform)
@@ -273,21 +281,34 @@ def _fiq_tasks(root: str | os.PathLike, split: str, categories: Sequence[str] | 
 
 
 def _fiq_metrics(task: RetrievalTask, q: Tensor, g: Tensor) -> dict[str, float]:
+    from metrics import fiq_metrics
+
     return fiq_metrics(q, g, task.gallery, _field(task, "target"))
 
 
 def _fiq_test_outputs(task: RetrievalTask, q: Tensor, g: Tensor, output_dir: Path, name: str) -> list[Path]:
+    from retrieval import ranked_names
+    from submission import FIQ_RANKING_LENGTH, write_fiq_rankings
+
     ranked = ranked_names(q, g, task.gallery, FIQ_RANKING_LENGTH)
     return [write_fiq_rankings(output_dir, task.name, name, _field(task, "query_id"), ranked)]
 
 
 def _fiq_train(root: str | os.PathLike, transform: Callable, categories: Sequence[str] | None = None) -> Dataset:
+    from data_utils import FashionIQDataset
+
     return FashionIQDataset(root, "train", list(FASHIONIQ.check_categories(categories)), "relative", transform)
+
+
+def _fiq_summary(per_task: Mapping[str, Mapping[str, float]]) -> dict[str, float]:
+    from metrics import summarize_fiq
+
+    return summarize_fiq(per_task)
 
 
 FASHIONIQ = register_dataset(DatasetSpec(
     name="fashioniq", title="FashionIQ", folder="fashion-iq", marker="captions", aliases=("fiq",),
-    categories=FIQ_CATEGORIES, tasks=_fiq_tasks, task_metrics=_fiq_metrics, summarize=summarize_fiq,
+    categories=FIQ_CATEGORIES, tasks=_fiq_tasks, task_metrics=_fiq_metrics, summarize=_fiq_summary,
     selection_criteria=("mean",), write_test_outputs=_fiq_test_outputs, val_split="val", test_split="test",
     identifying_metrics=("avg_R@10",), train_dataset=_fiq_train,
     train_defaults={"num_epochs": 100, "batch_size": 384, "lr": 4e-5, "lr_step_size": 5, "optimizer": "adamw",
@@ -297,6 +318,8 @@ FASHIONIQ = register_dataset(DatasetSpec(
 
 # ---------------------------------------------------------------------------------------------- CIRCO
 def _circo_tasks(root: str | os.PathLike, split: str, categories: Sequence[str] | None = None) -> list[RetrievalTask]:
+    from data_utils import CIRCODataset
+
     CIRCO.check_categories(categories)
     data = CIRCODataset(root, split, "relative", _no_transform)
     queries = [Query(str(q["id"]), str(q["reference_img_id"]), q["relative_caption"], str(q.get("target_img_id", "")),
@@ -307,11 +330,18 @@ def _circo_tasks(root: str | os.PathLike, split: str, categories: Sequence[str] 
 
 
 def _circo_metrics(task: RetrievalTask, q: Tensor, g: Tensor) -> dict[str, float]:
+    from metrics import circo_metrics
+    from retrieval import ranked_names
+    from submission import CIRCO_SUBMISSION_LENGTH
+
     ranked = ranked_names(q, g, task.gallery, CIRCO_SUBMISSION_LENGTH)
     return circo_metrics(ranked, _field(task, "gt"), _field(task, "target"), _field(task, "aspects"))
 
 
 def _circo_test_outputs(task: RetrievalTask, q: Tensor, g: Tensor, output_dir: Path, name: str) -> list[Path]:
+    from retrieval import ranked_names
+    from submission import CIRCO_SUBMISSION_LENGTH, write_circo_submission
+
     ranked = ranked_names(q, g, task.gallery, CIRCO_SUBMISSION_LENGTH)
     return [write_circo_submission(output_dir, name, ranked, [int(i) for i in _field(task, "query_id")],
                                    len(task.gallery))]

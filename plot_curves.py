@@ -11,13 +11,12 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from viz.curves import plot_training_curves
-
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("run", help="a run folder holding metrics.jsonl, or the metrics.jsonl file itself")
-    parser.add_argument("--output", default=None, help="PNG to write (default: curves.png beside metrics.jsonl)")
+    parser.add_argument("--output", default=None, help="PNG to write; None: curves.png beside metrics.jsonl")
     parser.add_argument("--width", type=float, default=12.0, help="figure width in inches (100 dpi)")
     parser.add_argument("--height", type=float, default=4.5, help="figure height in inches (100 dpi)")
     return parser
@@ -25,6 +24,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> Path:
     args = build_parser().parse_args(argv)
+    from viz.curves import plot_training_curves  # after parsing: --help needs no matplotlib / torch
+
     run = Path(args.run)
     metrics_log = run if run.suffix == ".jsonl" else run / "metrics.jsonl"
     output = Path(args.output) if args.output else metrics_log.with_name("curves.png")

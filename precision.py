@@ -17,9 +17,10 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from typing import ContextManager
+from typing import TYPE_CHECKING, ContextManager
 
-import torch
+if TYPE_CHECKING:  # torch is imported where used: the scripts' parsers read PRECISIONS before torch is needed
+    import torch
 
 PRECISIONS = ("amp", "amp_bf16", "fp32")
 EVAL_PRECISION_HELP = ("precision of the evaluation forward passes: fp32 as the official evaluation (default), "
@@ -42,6 +43,8 @@ def effective_precision(precision: str, device: torch.device) -> str:
 
 def autocast(precision: str, device: torch.device) -> ContextManager:
     """Autocast context for the forward pass (a no-op in fp32)."""
+    import torch
+
     if precision == "amp":
         return torch.autocast(device_type=device.type, dtype=torch.float16)
     if precision == "amp_bf16":
@@ -51,4 +54,6 @@ def autocast(precision: str, device: torch.device) -> ContextManager:
 
 def grad_scaler(precision: str, device: torch.device) -> torch.amp.GradScaler:
     """A GradScaler that is active only for fp16 AMP; disabled it passes calls straight through."""
+    import torch
+
     return torch.amp.GradScaler(device.type, enabled=precision == "amp")

@@ -3,7 +3,8 @@
     python retrieve.py --checkpoint runs/cirr_x/checkpoints/best.pt --reference ref.png \\
         --text "make the circle blue" --gallery_dir photos/ --top_k 10 [--grid out.png]
 
-Prints the top-k gallery paths with their cosine scores. The gallery features are cached on disk
+Prints the top-k gallery paths with their cosine scores; the reference image itself is left out when it is
+in the folder, as CIRR evaluation does (--keep_reference keeps it). The gallery features are cached on disk
 (feature_cache.py), keyed by the checkpoint's content and the gallery's files (paths, sizes, mtimes), so
 the next query against the same folder only encodes the query.  Search is exact (retrieval.py; faiss when
 installed, else torch, same results); for galleries past memory, ``--ann hnsw|ivfpq`` searches an
@@ -17,39 +18,33 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-import torch
-
 import utils
-from data_utils import list_gallery_images, load_image
-from dataset_registry import Query, RetrievalTask
-from evaluation import ModelRetrieval
-from ann import ANN_KINDS, ANNConfig, ann_search, index_file_name, load_or_build_index
-from feature_cache import cache_key, cached_gallery_features, checkpoint_identity, file_list_identity
-from distributed import init_distributed
-from inference import load_trained_model, preprocessing_settings
-from precision import EVAL_PRECISION_HELP, PRECISIONS, effective_precision
-from retrieval import ENGINES, topk_retrieval
-from viz.examples import QueryExample, word_selection
-from viz.grid import draw_retrieval_grid
+from ann import ANN_KINDS
+from precision import EVAL_PRECISION_HELP, PRECISIONS
+from retrieval import ENGINES
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--checkpoint", required=True, help="a checkpoint written by train_cirr.py / train_fiq.py")
     parser.add_argument("--reference", required=True, help="the reference image")
     parser.add_argument("--text", required=True, help="the modification text")
     parser.add_argument("--gallery_dir", required=True, help="folder of candidate images (searched recursively)")
-    parser.add_argument("--top_k", type=int, default=10)
+    parser.add_argument("--top_k", type=int, default=10, help="results to print")
+    parser.add_argument("--keep_reference", action="store_true",
+                        help="keep the reference image among the results when it is in the folder (by default it is "
+                             "left out, as in CIRR evaluation)")
     parser.add_argument("--grid", default=None, help="also draw the query and its top-k into this PNG")
     parser.add_argument("--cache_dir", default=str(Path.home() / ".cache" / "ssn_cir"), help="gallery feature cache")
-    parser.add_argument("--batch_size", type=int, default=64)
-    parser.add_argument("--num_workers", type=int, default=0)
-    parser.add_argument("--device", default=None)
+    parser.add_argument("--batch_size", type=int, default=64, help="images per encoding batch")
+    parser.add_argument("--num_workers", type=int, default=0, help="DataLoader worker processes")
+    parser.add_argument("--device", default=None, help="cuda, cuda:1, cpu; None: cuda if available")
     parser.add_argument("--precision", choices=PRECISIONS, default="fp32", help=EVAL_PRECISION_HELP)
     parser.add_argument("--retrieval_engine", choices=ENGINES, default="auto",
                         help="exact search: faiss, torch, or auto (faiss when installed); the results are the same")
     parser.add_argument("--ann", choices=ANN_KINDS, default=None,
-                        help="approximate search with a faiss index saved beside the feature cache (default: exact)")
+                        help="approximate search with a faiss index saved beside the feature cache; None: exact search")
     return parser
 
 
@@ -58,6 +53,21 @@ def main(argv: Sequence[str] | None = None) -> list[tuple[Path, float]]:
     if args.top_k < 1:
         raise ValueError(f"--top_k must be >= 1, got {args.top_k}")
     logger = utils.setup_logging(None)
+    # Imported after parsing: --help needs no open_clip.
+    import torch
+
+    import feature_cache
+    from ann import ANNConfig, ann_search, index_file_name, load_or_build_index
+    from data_utils import list_gallery_images, load_image
+    from dataset_registry import Query, RetrievalTask
+    from distributed import init_distributed
+    from evaluation import ModelRetrieval
+    from inference import load_trained_model, preprocessing_settings
+    from precision import effective_precision
+    from retrieval import topk_retrieval
+    from viz.examples import QueryExample, word_selection
+    from viz.grid import draw_retrieval_grid
+
     device = init_distributed(args.device).device
     precision = effective_precision(args.precision, device)
     reference = load_image(args.reference)  # fail on a bad reference before encoding a gallery
@@ -69,22 +79,23 @@ def main(argv: Sequence[str] | None = None) -> list[tuple[Path, float]]:
     task = RetrievalTask("folder", "folder", "", Path(args.gallery_dir), names, [Query("0", args.reference, args.text)],
                          image_path=Path, annotations=[])
     method = ModelRetrieval(trained.model, "ssn", trained.transform, device, precision, args.batch_size, args.num_workers)
-    checkpoint_id, split = checkpoint_identity(args.checkpoint), str(Path(args.gallery_dir).resolve())
-    extra = {"files": file_list_identity(files), **preprocessing_settings(trained, precision)}
+    checkpoint_id, split = feature_cache.checkpoint_identity(args.checkpoint), str(Path(args.gallery_dir).resolve())
+    extra = {"files": feature_cache.file_list_identity(files), **preprocessing_settings(trained, precision)}
 
     def gallery_feats() -> torch.Tensor:
-        return cached_gallery_features(args.cache_dir, checkpoint_id, split, names, method.name,
-                                       lambda: method.encode_gallery(task), extra=extra)
+        return feature_cache.cached_gallery_features(args.cache_dir, checkpoint_id, split, names, method.name,
+                                                     lambda: method.encode_gallery(task), extra=extra)
 
     query = method.encode_queries(task)
-    # As in CIRR, the reference itself is no answer when it lies in the gallery folder.
+    # As in CIRR, the reference itself is no answer when it lies in the gallery folder (unless asked to keep it).
     resolved = [f.resolve() for f in files]
     reference_path = Path(args.reference).resolve()
-    exclude = torch.tensor([resolved.index(reference_path) if reference_path in resolved else -1])
+    left_out = reference_path in resolved and not args.keep_reference
+    exclude = torch.tensor([resolved.index(reference_path)]) if left_out else None  # None: all G can be returned
     if args.ann:
         # The index file shares the feature cache entry's key (gallery_<key>.pt), so it follows the same inputs.
         config, size, dim = ANNConfig(kind=args.ann), len(names), query.shape[1]
-        stem = f"gallery_{cache_key(checkpoint_id, split, names, method.name, extra)}"
+        stem = f"gallery_{feature_cache.cache_key(checkpoint_id, split, names, method.name, extra)}"
         index_path = Path(args.cache_dir) / index_file_name(stem, config, size, dim)
         index, _ = load_or_build_index(index_path, config, size, dim, gallery_feats)
         scores, indices = ann_search(index, query, args.top_k, config, exclude)

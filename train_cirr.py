@@ -10,11 +10,14 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from training.main import main_for
+from training.params import parse_train_args
 
 
 def main(argv: Sequence[str] | None = None) -> Path:
-    return main_for("cirr", argv)
+    args = parse_train_args("cirr", argv)
+    from training.main import run  # after parsing: --help needs neither torch nor open_clip
+
+    return run(args, "cirr")
 
 
 if __name__ == "__main__":

@@ -9,11 +9,14 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from training.main import main_for
+from training.params import parse_train_args
 
 
 def main(argv: Sequence[str] | None = None) -> Path:
-    return main_for("fashioniq", argv)
+    args = parse_train_args("fashioniq", argv)
+    from training.main import run  # after parsing: --help needs neither torch nor open_clip
+
+    return run(args, "fashioniq")
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ import sys
 from typing import Any, Sequence
 
 import utils
-from cvsi.phi_training import MASKS, TAGGERS, PhiTrainingConfig, train_phi
+from cvsi.phi_config import MASKS, TAGGERS, PhiTrainingConfig
 from precision import PRECISIONS
 
 _HELP = {
@@ -72,6 +72,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = build_parser().parse_args(argv)
     utils.setup_logging(None)
     config = PhiTrainingConfig(**vars(args))
+    from cvsi.phi_training import train_phi  # after parsing: --help needs no torch
+
     try:
         result = train_phi(config)
     except ValueError as exc:  # bad settings or files: one line, no traceback

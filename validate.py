@@ -3,7 +3,8 @@
     python validate.py --checkpoint runs/cirr_x/checkpoints/best.pt [--data_root /data/cirr_dataset] [--baselines] [--visualize 8]
 
 The backbone, head and preprocessing come from the checkpoint; the data path defaults to the one the model
-was trained with.  Prints a table and writes it as JSON (default: next to the checkpoint's run).
+was trained with.  Prints a table with its legend and writes it as JSON, by default with the grids and a
+report.md in a new folder <run>/validation/<checkpoint>-NNN/ (the run's own files are never replaced).
 """
 from __future__ import annotations
 
@@ -12,21 +13,23 @@ import sys
 from typing import Sequence
 
 import utils
-from inference import validate_checkpoint
 from precision import EVAL_PRECISION_HELP, PRECISIONS
 from retrieval import ENGINE_HELP, ENGINES, use_engine
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[1])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--checkpoint", required=True, help="a checkpoint written by train_cirr.py / train_fiq.py")
-    parser.add_argument("--data_root", default=None, help="default: the --data_root of the training run")
+    parser.add_argument("--data_root", default=None, help="dataset folder; None: the --data_root of the training run")
     parser.add_argument("--baselines", action="store_true",
                         help="also score image-only, text-only and image+text sum retrieval with the same backbone")
-    parser.add_argument("--output", default=None, help="metrics JSON (default: <run>/validation.json)")
-    parser.add_argument("--batch_size", type=int, default=64)
-    parser.add_argument("--num_workers", type=int, default=0)
-    parser.add_argument("--device", default=None)
+    parser.add_argument("--output", default=None,
+                        help="metrics JSON (grids and report.md go beside it); None: "
+                             "<run>/validation/<checkpoint>-NNN/validation.json in a new folder")
+    parser.add_argument("--batch_size", type=int, default=64, help="images per encoding batch")
+    parser.add_argument("--num_workers", type=int, default=0, help="DataLoader worker processes")
+    parser.add_argument("--device", default=None, help="cuda, cuda:1, cpu; None: cuda if available")
     parser.add_argument("--precision", choices=PRECISIONS, default="fp32", help=EVAL_PRECISION_HELP)
     parser.add_argument("--no_cache", action="store_true",
                         help="re-encode the galleries instead of using <run>/feature_cache (keyed by the checkpoint's content)")
@@ -39,6 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, float]]:
     args = build_parser().parse_args(argv)
     utils.setup_logging(None)
+    from inference import validate_checkpoint  # after parsing: --help needs no open_clip
+
     with use_engine(args.retrieval_engine):
         return validate_checkpoint(
             args.checkpoint, data_root=args.data_root, baselines=args.baselines, output=args.output,

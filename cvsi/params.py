@@ -26,7 +26,8 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--dataset", choices=sorted(DATASETS), required=True,
                       help="a dataset of the registry (dataset_registry.py); the fusion weights default to the paper's for "
                            f"{', '.join(sorted(PRESETS))}")
-    data.add_argument("--split", choices=("val", "test"), default="val")
+    data.add_argument("--split", choices=("val", "test"), default="val",
+                      help="val: print the metric table; test: write the benchmark's submission files")
     data.add_argument("--data_root", required=True, help="the dataset folder or its parent")
     data.add_argument("--transform", choices=("clip", "targetpad"), default="targetpad",
                       help="image preprocessing (the CVSI release uses targetpad)")
@@ -60,18 +61,18 @@ def build_parser() -> argparse.ArgumentParser:
     captions.add_argument("--top_p", type=float, default=None, help="nucleus sampling threshold (both presets 0.9)")
     captions.add_argument("--caption_beams", type=int, default=None,
                           help="beams to sample within; 1 = plain nucleus sampling (preset paper 1, release 15)")
-    captions.add_argument("--caption_max_tokens", type=int, default=30)
+    captions.add_argument("--caption_max_tokens", type=int, default=30, help="longest caption, in tokens")
     captions.add_argument("--caption_prompt", default=None,
                           help="text the captioner continues (preset paper '', release 'a photo of')")
-    captions.add_argument("--caption_batch_size", type=int, default=8)
-    captions.add_argument("--captioner_fp16", action="store_true")
+    captions.add_argument("--caption_batch_size", type=int, default=8, help="images per captioner batch")
+    captions.add_argument("--captioner_fp16", action="store_true", help="run the captioner in fp16 (GPU)")
 
     llm = parser.add_argument_group("LLM (OpenAI-compatible chat completions)")
     llm.add_argument("--llm_answers_file", nargs="+", default=[], help="precomputed answers (CVSI release layout) instead of an LLM")
     llm.add_argument("--llm_base_url", default=None, help="e.g. https://api.openai.com/v1 (env CVSI_LLM_BASE_URL or OPENAI_BASE_URL)")
     llm.add_argument("--llm_model", default=None, help="e.g. gpt-3.5-turbo (env CVSI_LLM_MODEL)")
     llm.add_argument("--llm_api_key", default=None, help="default: env OPENAI_API_KEY")
-    llm.add_argument("--llm_concurrency", type=int, default=8)
+    llm.add_argument("--llm_concurrency", type=int, default=8, help="requests in flight at once")
     llm.add_argument("--llm_timeout", type=float, default=60.0, help="seconds per request (the openai client's timeout)")
     llm.add_argument("--llm_retries", type=int, default=6,
                      help="the openai client's max_retries (time-outs, connection errors, 408/409/429/5xx), and the "
@@ -100,17 +101,18 @@ def build_parser() -> argparse.ArgumentParser:
                           "captions for failed modified captions and no objects (preset release)")
 
     run_group = parser.add_argument_group("run")
-    run_group.add_argument("--cache_dir", default="cvsi_cache")
-    run_group.add_argument("--output_dir", default="cvsi_output")
-    run_group.add_argument("--submission_name", default="cvsi")
+    run_group.add_argument("--cache_dir", default="cvsi_cache",
+                           help="captions, LLM answers and features kept across runs (keyed by their inputs)")
+    run_group.add_argument("--output_dir", default="cvsi_output", help="metrics JSON and submission files")
+    run_group.add_argument("--submission_name", default="cvsi", help="the test files are named after it")
     run_group.add_argument("--save_predictions", action="store_true",
                            help="on val, also write the CVSI row's rankings to OUTPUT_DIR/val_predictions/ as the "
                                 "test split's files (CIRCO {query id: [50 image ids]}, CIRR's two server files, "
                                 "FashionIQ {query id: [50 names]}), for the benchmarks' own evaluation code")
-    run_group.add_argument("--batch_size", type=int, default=64)
-    run_group.add_argument("--num_workers", type=int, default=0)
-    run_group.add_argument("--device", default=None)
-    run_group.add_argument("--seed", type=int, default=0)
+    run_group.add_argument("--batch_size", type=int, default=64, help="images / texts per CLIP batch")
+    run_group.add_argument("--num_workers", type=int, default=0, help="DataLoader worker processes")
+    run_group.add_argument("--device", default=None, help="cuda, cuda:1, cpu; None: cuda if available")
+    run_group.add_argument("--seed", type=int, default=0, help="seeds the run (the captioner's sampling too)")
     run_group.add_argument("--retrieval_engine", choices=ENGINES, default="auto", help=ENGINE_HELP)
     return parser
 

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import cirr_test_submission
+import feature_cache
 import retrieval
 import retrieve
 import train_cirr
@@ -275,5 +276,5 @@ def test_retrieve_builds_the_index_once_beside_the_feature_cache(tiny_run, tmp_p
     def no_features(*args, **kwargs):
         raise AssertionError("the gallery features were read")
 
-    monkeypatch.setattr(retrieve, "cached_gallery_features", no_features)
+    monkeypatch.setattr(feature_cache, "cached_gallery_features", no_features)  # retrieve.py reads it from there
     assert retrieve.main(argv + ["--ann", "hnsw"]) == first
