@@ -7,7 +7,41 @@ import pytest
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    config.addinivalue_line("markers", "slow: takes more than 30 s (e.g. a real browser against a served page)")
+    config.addinivalue_line("markers", "slow: takes more than ~10 s on 2 CPU cores (end-to-end trainings, torchrun, "
+                                       "SIGKILL, resume, a real browser); `pytest -m \"not slow\"` leaves them out")
+
+
+# The tiny training recipe the shared run uses; tests that start their own short trainings reuse it.
+TINY_TRAIN_ARGS = ["--clip_model_name", "ViT-Tiny-P8-32", "--pretrained", "none", "--transform", "clip",
+                   "--num_workers", "0", "--lr", "1e-3", "--optimizer", "adamw", "--grad_clip", "1.0", "--device", "cpu"]
+TINY_RUN_EPOCHS, TINY_RUN_BATCH, TINY_CIRR_NUM_TRAIN = 3, 32, 192
+
+
+@pytest.fixture(scope="session")
+def tiny_cirr_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A synthetic CIRR (``<tmp>/cirr_dataset``) for short trainings: ``TINY_CIRR_NUM_TRAIN`` train triplets,
+    40 val queries (a val gallery of more than 20 images), 24 test1 queries (a gallery of more than 50), 32-px images.
+
+    Shared by the whole session: tests must not write into it.
+    """
+    from synthetic import make_synthetic_cirr
+
+    return make_synthetic_cirr(tmp_path_factory.mktemp("tiny_cirr"), seed=3, num_train=TINY_CIRR_NUM_TRAIN,
+                               num_val=40, num_test=24, image_size=32)
+
+
+@pytest.fixture(scope="session")
+def tiny_cirr_run(tiny_cirr_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One trained tiny run reused wherever a test needs "a trained checkpoint": train_cirr.py for
+    ``TINY_RUN_EPOCHS`` epochs of batch ``TINY_RUN_BATCH`` on :func:`tiny_cirr_root` with ``--save_best --log_every 1``.
+
+    Tests may add files to it (a validation folder, a feature cache) but must not change what training wrote.
+    """
+    import train_cirr
+
+    return train_cirr.main(["--data_root", str(tiny_cirr_root.parent), *TINY_TRAIN_ARGS,
+                            "--num_epochs", str(TINY_RUN_EPOCHS), "--batch_size", str(TINY_RUN_BATCH),
+                            "--save_best", "--log_every", "1", "--output_dir", str(tmp_path_factory.mktemp("tiny_run"))])
 
 
 @pytest.fixture(scope="session")
@@ -33,12 +67,11 @@ def app_demo_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return folder
 
 
-@pytest.fixture(scope="session")
-def app_validation_rankings(app_demo_dir: Path):
-    """The val task of :func:`app_demo_dir`'s run and, per retrieval method, each query's full ranking.
+def validation_rankings(checkpoint: Path):
+    """The val task of a CIRR checkpoint's dataset and, per retrieval method, each query's full ranking.
 
     Computed as CIRR validation does (evaluation.ModelRetrieval, retrieval.topk_retrieval, the reference
-    left out of its own ranking), without the page's code: ``{method: {query_id: [gallery names]}}``.
+    left out of its own ranking), without the page's code: ``(task, {method: {query_id: [gallery names]}})``.
     """
     import torch
 
@@ -48,7 +81,7 @@ def app_validation_rankings(app_demo_dir: Path):
     from model import RETRIEVAL_METHODS
     from retrieval import topk_retrieval
 
-    trained = load_trained_model(app_demo_dir / "demo_output" / "run" / "checkpoints" / "best.pt", torch.device("cpu"))
+    trained = load_trained_model(checkpoint, torch.device("cpu"))
     (task,) = get_dataset("cirr").tasks(resolve_dataset_root(trained.train_args["data_root"], "cirr"), "val")
     index = {name: i for i, name in enumerate(task.gallery)}
     exclude = torch.tensor([index[q.reference] for q in task.queries])
@@ -58,3 +91,9 @@ def app_validation_rankings(app_demo_dir: Path):
         _, top = topk_retrieval(method.encode_queries(task), method.encode_gallery(task), len(task.gallery), exclude)
         rankings[name] = {q.query_id: [task.gallery[i] for i in row] for q, row in zip(task.queries, top.tolist())}
     return task, rankings
+
+
+@pytest.fixture(scope="session")
+def app_validation_rankings(app_demo_dir: Path):
+    """:func:`validation_rankings` of :func:`app_demo_dir`'s run."""
+    return validation_rankings(app_demo_dir / "demo_output" / "run" / "checkpoints" / "best.pt")

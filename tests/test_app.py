@@ -13,6 +13,7 @@ import torch
 
 import app
 from checkpoint import save_checkpoint
+from conftest import validation_rankings
 from data_utils import load_image
 from evaluation import ModelRetrieval
 from model import RETRIEVAL_METHODS
@@ -26,8 +27,9 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
-def checkpoint(app_demo_dir: Path) -> Path:
-    return app_demo_dir / "demo_output" / "run" / "checkpoints" / "best.pt"
+def checkpoint(tiny_cirr_run: Path) -> Path:
+    """The session's tiny trained run: the page's code needs a trained checkpoint, not a good one."""
+    return tiny_cirr_run / "checkpoints" / "best.pt"
 
 
 @pytest.fixture(scope="module")
@@ -35,8 +37,8 @@ def engine(checkpoint: Path) -> RetrievalEngine:
     return RetrievalEngine.open(checkpoint, device="cpu")
 
 
-def test_search_ranks_like_validation(engine: RetrievalEngine, app_validation_rankings) -> None:
-    _, rankings = app_validation_rankings
+def test_search_ranks_like_validation(checkpoint: Path, engine: RetrievalEngine) -> None:
+    _, rankings = validation_rankings(checkpoint)
     examples = engine.examples(4)
     assert len(examples) == 4 and len({q.query_id for q in examples}) == 4
     for query in examples:

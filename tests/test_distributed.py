@@ -80,6 +80,7 @@ def _free_port() -> int:
 
 
 @pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed with gloo")
+@pytest.mark.slow
 def test_two_gloo_processes_match_one_process_with_the_global_batch(tmp_path):
     # fork (where available) skips re-importing torch and open_clip in every worker, as DataLoader workers do.
     start_method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
@@ -115,6 +116,7 @@ def test_ssn_loss_module_in_one_process_is_the_loss_in_fp32():
         create_loss("triplet")
 
 
+@pytest.mark.slow
 def test_torchrun_two_cpu_processes_train_and_only_rank0_writes(tmp_path):
     """train_cirr.py under torchrun (gloo, 2 processes): one set of outputs, validated once per epoch."""
     import json

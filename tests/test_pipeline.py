@@ -12,25 +12,22 @@ import train_fiq
 import utils
 import validate
 from checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from conftest import TINY_CIRR_NUM_TRAIN, TINY_RUN_BATCH, TINY_RUN_EPOCHS, TINY_TRAIN_ARGS
 from evaluation import ModelRetrieval
 from model import CheckpointMismatchError
-from synthetic import make_synthetic_cirr, make_synthetic_fashioniq
+from synthetic import make_synthetic_fashioniq
 
-TINY = ["--clip_model_name", "ViT-Tiny-P8-32", "--pretrained", "none", "--transform", "clip", "--num_workers", "0",
-        "--lr", "1e-3", "--optimizer", "adamw", "--grad_clip", "1.0"]
-
-
-@pytest.fixture(scope="module")
-def cirr_root(tmp_path_factory):
-    return make_synthetic_cirr(tmp_path_factory.mktemp("data"), seed=3, num_train=192, num_val=40, num_test=24)
+TINY = TINY_TRAIN_ARGS
 
 
 @pytest.fixture(scope="module")
-def cirr_run(cirr_root, tmp_path_factory):
-    output = tmp_path_factory.mktemp("run")
-    run_dir = train_cirr.main(["--data_root", str(cirr_root.parent), *TINY, "--num_epochs", "3", "--batch_size", "32",
-                               "--save_best", "--output_dir", str(output), "--log_every", "1"])
-    return run_dir
+def cirr_root(tiny_cirr_root):
+    return tiny_cirr_root
+
+
+@pytest.fixture(scope="module")
+def cirr_run(tiny_cirr_run):
+    return tiny_cirr_run
 
 
 def test_training_writes_run_outputs_and_the_loss_decreases(cirr_run):
@@ -39,17 +36,18 @@ def test_training_writes_run_outputs_and_the_loss_decreases(cirr_run):
     assert args["clip_model_name"] == "ViT-Tiny-P8-32"
     log = utils.read_metrics_log(cirr_run / "metrics.jsonl")
     epoch_losses = log["train/epoch_loss"].dropna().tolist()
-    assert len(epoch_losses) == 3 and epoch_losses[-1] < epoch_losses[0]
+    assert len(epoch_losses) == TINY_RUN_EPOCHS and epoch_losses[-1] < epoch_losses[0]
     assert {"val/R@1", "val/Rs@1", "val/Avg"} <= set(log.columns)
     summary = json.loads((cirr_run / "summary.json").read_text())
-    assert summary["epochs"] == 3 and summary["steps"] == 18
+    steps_per_epoch = TINY_CIRR_NUM_TRAIN // TINY_RUN_BATCH
+    assert summary["epochs"] == TINY_RUN_EPOCHS and summary["steps"] == TINY_RUN_EPOCHS * steps_per_epoch
 
 
 def test_checkpoint_holds_config_and_state(cirr_run):
     checkpoint = load_checkpoint(cirr_run / "checkpoints" / "last.pt")
     assert checkpoint["model_config"]["clip_model_name"] == "ViT-Tiny-P8-32"
     assert checkpoint["model_config"]["text_width"] == 64
-    assert checkpoint["epoch"] == 3 and checkpoint["dataset"] == "cirr"
+    assert checkpoint["epoch"] == TINY_RUN_EPOCHS and checkpoint["dataset"] == "cirr"
     assert {"optimizer", "scheduler", "scaler", "rng", "args", "format_version"} <= set(checkpoint)
 
 
@@ -80,11 +78,14 @@ def test_submission_files_are_complete_and_checked(cirr_run, cirr_root, tmp_path
         assert len(top3) == 3 and set(top3) <= set(triplet["img_set"]["members"]) - {triplet["reference"]}
 
 
+@pytest.mark.slow
 def test_resume_continues_from_the_last_checkpoint(cirr_run, cirr_root, tmp_path):
-    run_dir = train_cirr.main(["--data_root", str(cirr_root), *TINY, "--num_epochs", "4", "--batch_size", "32",
-                               "--resume", str(cirr_run / "checkpoints" / "last.pt"), "--output_dir", str(tmp_path)])
+    run_dir = train_cirr.main(["--data_root", str(cirr_root), *TINY, "--num_epochs", str(TINY_RUN_EPOCHS + 1),
+                               "--batch_size", str(TINY_RUN_BATCH), "--resume", str(cirr_run / "checkpoints" / "last.pt"),
+                               "--output_dir", str(tmp_path)])
     checkpoint = load_checkpoint(run_dir / "checkpoints" / "last.pt")
-    assert checkpoint["epoch"] == 4 and checkpoint["global_step"] == 24
+    assert checkpoint["epoch"] == TINY_RUN_EPOCHS + 1
+    assert checkpoint["global_step"] == (TINY_RUN_EPOCHS + 1) * (TINY_CIRR_NUM_TRAIN // TINY_RUN_BATCH)
 
 
 def test_resume_from_another_backbone_names_the_mismatch(cirr_run, cirr_root, tmp_path):
@@ -105,6 +106,7 @@ def test_wrong_data_root_is_a_clear_error(tmp_path):
         train_cirr.main(["--data_root", str(tmp_path / "nowhere"), *TINY, "--output_dir", str(tmp_path / "o")])
 
 
+@pytest.mark.slow
 def test_fashioniq_training_and_validation(tmp_path):
     root = make_synthetic_fashioniq(tmp_path / "data", seed=1, num_train_per_category=48, num_val_per_category=16,
                                     num_test_per_category=4)
@@ -159,6 +161,7 @@ def test_a_fresh_run_never_overwrites_a_previous_one(cirr_run, cirr_root):
     assert (cirr_run / "checkpoints" / "best.pt").read_bytes() == before
 
 
+@pytest.mark.slow
 def test_overwrite_replaces_a_previous_run(cirr_root, tmp_path):
     argv = ["--data_root", str(cirr_root), *TINY, "--num_epochs", "1", "--batch_size", "96", "--output_dir", str(tmp_path)]
     train_cirr.main(argv)
@@ -167,6 +170,11 @@ def test_overwrite_replaces_a_previous_run(cirr_root, tmp_path):
     assert records["train/epoch_loss"].notna().sum() == 1  # the old run's log is gone, not mixed in
 
 
+def test_public_args_leave_out_secrets():
+    assert utils.public_args({"api_key": "SECRET-KEY", "lr": 1e-3}) == {"lr": 1e-3}
+
+
+@pytest.mark.slow
 def test_secrets_stay_out_of_recorded_arguments(cirr_root, tmp_path):
     run_dir = train_cirr.main(["--data_root", str(cirr_root), *TINY, "--num_epochs", "1", "--batch_size", "96",
                                "--api_key", "SECRET-KEY", "--output_dir", str(tmp_path)])

@@ -15,13 +15,12 @@ from PIL import Image
 import evaluation
 import plot_curves
 import retrieve
-import train_cirr
 import validate
+from conftest import TINY_RUN_EPOCHS
 from data_utils import DataError
 from dataset_registry import get_dataset, resolve_dataset_root
 from evaluation import ModelRetrieval
 from inference import load_trained_model
-from synthetic import make_synthetic_cirr
 from viz import report as viz_report
 from viz.curves import read_epoch_metrics
 from viz.examples import QueryExample, caption_words, retrieval_examples, select_examples, target_ranks
@@ -32,16 +31,9 @@ CURVES_SIZE = (1200, 450)  # the default figsize (12, 4.5) at 100 dpi
 
 
 @pytest.fixture(scope="session")
-def run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A 2-epoch run of the tiny model on a small synthetic CIRR (a few seconds on CPU)."""
-    root = tmp_path_factory.mktemp("viz")
-    make_synthetic_cirr(root / "data", num_train=96, num_val=40, num_test=6, image_size=32)
-    return train_cirr.main([
-        "--data_root", str(root / "data"), "--clip_model_name", "ViT-Tiny-P8-32", "--pretrained", "none",
-        "--num_epochs", "2", "--batch_size", "32", "--lr", "1e-3", "--optimizer", "adamw", "--grad_clip", "1.0",
-        "--num_workers", "0", "--transform", "clip", "--save_best", "--log_every", "1", "--device", "cpu",
-        "--output_dir", str(root / "run"),
-    ])
+def run(tiny_cirr_run: Path) -> Path:
+    """The session's tiny trained run (conftest.py), with its val split of 40 queries."""
+    return tiny_cirr_run
 
 
 @pytest.fixture(scope="session")
@@ -190,7 +182,8 @@ def test_validate_never_replaces_the_run_s_outputs(run: Path) -> None:
     # Without --output every validation gets a new folder; what training wrote stays byte for byte.
     before = {name: (run / name).read_bytes() for name in ("report.md", "curves.png", "summary.json")}
     checkpoint = str(run / "checkpoints" / "best.pt")
-    for number in (1, 2):
+    earlier = len(list((run / "validation").glob("best-*")))  # the shared run may hold other tests' validations
+    for number in (earlier + 1, earlier + 2):
         validate.main(["--checkpoint", checkpoint, "--visualize", "2", "--device", "cpu"])
         folder = run / "validation" / f"best-{number:03d}"
         assert (folder / "validation.json").is_file() and (folder / "validation_cirr_grid.png").is_file()
@@ -204,7 +197,7 @@ def test_plot_curves_cli(tmp_path: Path, run: Path) -> None:
     with Image.open(path) as image:
         assert image.size == (800, 300)
     per_epoch = read_epoch_metrics(run / "metrics.jsonl")
-    assert list(per_epoch.index) == [1, 2] and "val/Rs@3" in per_epoch and "train/epoch_loss" in per_epoch
+    assert list(per_epoch.index) == list(range(1, TINY_RUN_EPOCHS + 1)) and "val/Rs@3" in per_epoch and "train/epoch_loss" in per_epoch
     with pytest.raises(FileNotFoundError, match="nothing.jsonl"):
         plot_curves.main([str(tmp_path / "nothing.jsonl")])
 
