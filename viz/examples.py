@@ -111,11 +111,13 @@ def target_ranks(
     excluded item (CIRR: the reference) removed, so ties are broken exactly as the metrics break them.
     """
     num_g = gallery_feats.shape[0]
-    gallery = gallery_feats.float()
+    dtype = torch.promote_types(query_feats.dtype, torch.float32)
+    gallery = gallery_feats.double()
     positions = torch.arange(num_g)
     ranks = []
     for q0 in range(0, query_feats.shape[0], chunk_size):
-        sims = query_feats[q0 : q0 + chunk_size].float() @ gallery.T  # [cq, G]
+        # topk_retrieval's scores: float64 dot products rounded to the score dtype.
+        sims = (query_feats[q0 : q0 + chunk_size].double() @ gallery.T).to(dtype)  # [cq, G]
         targets = target_indices[q0 : q0 + chunk_size]
         if exclude_indices is not None:
             excluded = exclude_indices[q0 : q0 + chunk_size]
