@@ -118,7 +118,7 @@ SECRET_ARGS = frozenset({"api_key"})
 
 
 def public_args(args: Mapping[str, Any]) -> dict[str, Any]:
-    """Run arguments without secrets (the Comet API key), as written to args.json, checkpoints and Comet."""
+    """Run arguments without secrets (the comet_ml API key), as written to args.json, checkpoints and trackers."""
     return {key: value for key, value in args.items() if key not in SECRET_ARGS}
 
 
@@ -177,39 +177,19 @@ def _to_float(value: Any) -> float:
 
 
 class MetricsLogger:
-    """Append metrics to ``output_dir/metrics.jsonl`` and, optionally, to Comet.
+    """Append metrics to ``output_dir/metrics.jsonl`` and pass them on to an experiment tracker.
 
     Each :meth:`log` call writes one JSON object ``{"time", ["step"], ["epoch"], <prefix+name>: value}``
-    and flushes it, so the file is readable while training runs. Comet is used only when both
-    ``comet_api_key`` and ``comet_workspace`` are given; ``comet_ml`` is imported only then.
+    and flushes it, so the file is readable while training runs.  ``tracker`` (a :class:`tracking.Tracker`:
+    comet_ml, TensorBoard) gets the same values through ``log_metrics(values, step=, epoch=)``; its owner
+    closes it.
     """
 
-    def __init__(
-        self,
-        output_dir: Path,
-        comet_api_key: str | None = None,
-        comet_workspace: str | None = None,
-        comet_project: str | None = None,
-        run_args: dict | None = None,
-    ):
+    def __init__(self, output_dir: Path, tracker: Any = None):
         self.output_dir = Path(output_dir)
         self.output_dir.mkdir(parents=True, exist_ok=True)
         self.path = self.output_dir / "metrics.jsonl"
-        self.experiment = None
-        if bool(comet_api_key) != bool(comet_workspace):
-            _logger.warning("Comet logging needs both an API key and a workspace; logging to %s only", self.path)
-        elif comet_api_key:
-            try:
-                import comet_ml
-            except ImportError as exc:
-                raise ImportError(
-                    "Comet logging was requested but comet_ml is not installed: pip install comet_ml"
-                ) from exc
-            self.experiment = comet_ml.Experiment(
-                api_key=comet_api_key, workspace=comet_workspace, project_name=comet_project
-            )
-            if run_args:
-                self.experiment.log_parameters(run_args)
+        self.tracker = tracker
         self._file = self.path.open("a", encoding="utf-8")
 
     def log(
@@ -225,16 +205,13 @@ class MetricsLogger:
         record.update(values)
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
-        if self.experiment is not None:
-            self.experiment.log_metrics(values, step=step, epoch=epoch)
+        if self.tracker is not None:
+            self.tracker.log_metrics(values, step=step, epoch=epoch)
 
     def close(self) -> None:
-        """Close the file and end the Comet experiment (idempotent)."""
+        """Close the file (idempotent)."""
         if not self._file.closed:
             self._file.close()
-        if self.experiment is not None:
-            self.experiment.end()
-            self.experiment = None
 
     def __enter__(self) -> "MetricsLogger":
         return self

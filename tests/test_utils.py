@@ -5,8 +5,6 @@ import json
 import logging
 import os
 import random
-import sys
-import types
 
 import numpy as np
 import pytest
@@ -138,37 +136,16 @@ def test_read_metrics_log_truncated_and_corrupt(tmp_path):
         read_metrics_log(path)
 
 
-def test_metrics_logger_comet(tmp_path, monkeypatch):
+def test_metrics_logger_passes_metrics_to_its_tracker(tmp_path):
     calls = []
 
-    class FakeExperiment:
-        def __init__(self, **kwargs):
-            calls.append(("init", kwargs))
-
-        def log_parameters(self, params):
-            calls.append(("params", params))
-
+    class Recorder:
         def log_metrics(self, metrics, step=None, epoch=None):
-            calls.append(("metrics", metrics, step, epoch))
+            calls.append((metrics, step, epoch))
 
-        def end(self):
-            calls.append(("end",))
-
-    monkeypatch.setitem(sys.modules, "comet_ml", types.SimpleNamespace(Experiment=FakeExperiment))
-    logger = MetricsLogger(tmp_path, "key", "ws", "proj", run_args={"lr": 1.0})
-    logger.log({"R@1": 1.0}, step=5, prefix="val/")
+    logger = MetricsLogger(tmp_path, tracker=Recorder())
+    logger.log({"R@1": torch.tensor(1.5)}, step=5, prefix="val/")
+    logger.log({"loss": 2.0}, step=6, epoch=1, prefix="train/")
     logger.close()
-    assert calls == [
-        ("init", {"api_key": "key", "workspace": "ws", "project_name": "proj"}),
-        ("params", {"lr": 1.0}),
-        ("metrics", {"val/R@1": 1.0}, 5, None),
-        ("end",),
-    ]
-
-
-def test_metrics_logger_comet_missing(tmp_path, monkeypatch):
-    monkeypatch.setitem(sys.modules, "comet_ml", None)  # makes `import comet_ml` fail
-    with pytest.raises(ImportError, match="comet_ml is not installed"):
-        MetricsLogger(tmp_path, "key", "ws")
-    # Without credentials comet_ml is never imported.
-    MetricsLogger(tmp_path).close()
+    assert calls == [({"val/R@1": 1.5}, 5, None), ({"train/loss": 2.0}, 6, 1)]
+    assert read_metrics_log(tmp_path / "metrics.jsonl")["val/R@1"].tolist()[0] == 1.5

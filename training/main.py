@@ -39,7 +39,8 @@ from training.run_dir import claim_output_dir, count_lines, output_directory, tr
 from training.sampler import ResumableSampler, loader_seed, train_worker_init
 from training.state import TrainState, checkpoint_state
 from training.train import train_one_epoch
-from training.validation import validate_model, validation_due
+from training.validation import grid_for_tracker, validate_model, validation_due
+from tracking import Tracker, create_tracker
 from viz.report import write_run_report_safely
 
 
@@ -173,8 +174,21 @@ def start_or_resume(run: RunContext, model: SSNModel, data: TrainData) -> Optimi
     return Optimization(model, optimizer, scheduler, scaler, state)
 
 
-def open_metrics_log(run: RunContext, state: TrainState) -> utils.MetricsLogger | None:
-    """Rank 0: the run's flags in ``args.json`` and the metrics logger; other ranks: None.
+def open_tracker(run: RunContext) -> Tracker:
+    """Rank 0: the experiment tracker(s) the flags ask for (tracking.py), given the run's parameters; other
+    ranks: none."""
+    if not run.env.is_master:
+        return Tracker()
+    args = run.args
+    tracker = create_tracker(run.output_dir, args.tensorboard, args.comet_offline, args.api_key, args.workspace,
+                             args.project_name)
+    tracker.log_params(utils.public_args(vars(args)))
+    return tracker
+
+
+def open_metrics_log(run: RunContext, state: TrainState, tracker: Tracker) -> utils.MetricsLogger | None:
+    """Rank 0: the run's flags in ``args.json`` and the metrics logger, passing every record on to ``tracker``;
+    other ranks: None.
 
     A resumed run keeps the original ``args.json`` and records its own command line beside it.
     """
@@ -183,8 +197,7 @@ def open_metrics_log(run: RunContext, state: TrainState) -> utils.MetricsLogger 
     args = run.args
     args_file = f"args_resume_step{state.global_step}.json" if args.resume else "args.json"
     utils.atomic_write_json(run.output_dir / args_file, utils.public_args(vars(args)))
-    return utils.MetricsLogger(run.output_dir, comet_api_key=args.api_key, comet_workspace=args.workspace,
-                               comet_project=args.project_name, run_args=utils.public_args(vars(args)))
+    return utils.MetricsLogger(run.output_dir, tracker=tracker)
 
 
 class Trainer:
@@ -204,7 +217,8 @@ class Trainer:
         self.bad_samples = (BadSampleLog(run.output_dir / bad_samples_file, opt.state.bad_samples)
                             if run.args.skip_bad_samples else None)
         self.train_model: nn.Module = wrap_model(opt.model, env)  # DDP broadcasts rank 0's weights to every rank here
-        self.metrics_logger = open_metrics_log(run, opt.state)
+        self.tracker = open_tracker(run)  # closed by run(), after the report
+        self.metrics_logger = open_metrics_log(run, opt.state, self.tracker)
         self.preemption = PreemptionHandler()
         run.logger.info(
             "training %s on %s (%d triplets, %d steps/epoch of %d x %d triplets) on %s, precision %s (validation %s); "
@@ -270,8 +284,10 @@ class Trainer:
     def validate(self) -> None:
         """Rank 0: validation metrics logged and recorded; best (or per-validation) checkpoints written."""
         run, args, state = self.run, self.run.args, self.opt.state
+        grids = (grid_for_tracker(self.opt.model, run.spec, self.data.transform, run.output_dir, self.tracker,
+                                  state.global_step) if self.tracker else None)  # pictures only for a tracker
         metrics = validate_model(self.opt.model, self.data.val_tasks, run.spec, self.data.transform, run.device,
-                                 run.eval_precision, args.eval_batch_size, args.num_workers)
+                                 run.eval_precision, args.eval_batch_size, args.num_workers, on_features=grids)
         self.metrics_logger.log(metrics, step=state.global_step, epoch=state.epoch, prefix="val/")
         run.logger.info("validation after epoch %d:\n%s", state.epoch, metrics_table(metrics))
         improved = state.record_validation(metrics, run.spec)
@@ -307,8 +323,8 @@ def report_stop(run: RunContext, trainer: Trainer) -> None:
                        trainer.data.sampler.steps_per_epoch, run.checkpoint_dir / "last.pt")
 
 
-def report(run: RunContext, state: TrainState) -> None:
-    """Rank 0 after the last epoch: ``summary.json``, then curves and ``report.md``.
+def report(run: RunContext, state: TrainState, tracker: Tracker) -> None:
+    """Rank 0 after the last epoch: ``summary.json``, then curves and ``report.md`` (the curves also to ``tracker``).
 
     A plotting failure is logged as a warning: the checkpoints are already saved.
     """
@@ -326,6 +342,8 @@ def report(run: RunContext, state: TrainState) -> None:
     }
     utils.atomic_write_json(run.output_dir / "summary.json", summary)
     write_run_report_safely(run.output_dir, device=str(run.device))
+    if tracker and (run.output_dir / "curves.png").is_file():
+        tracker.log_image(run.output_dir / "curves.png", "training curves", state.global_step)
     if best["metrics"]:
         run.logger.info("best validation (epoch %s):\n%s", best["epoch"], metrics_table_with_legend(best["metrics"]))
     value = "-" if best["value"] is None else f"{best['value']:.2f}"
@@ -342,12 +360,15 @@ def run(args: argparse.Namespace, dataset: str) -> Path:
     model = build_model(context)
     data = load_data(context, model)
     trainer = Trainer(context, data, start_or_resume(context, model, data))
-    trainer.fit()
-    cleanup_distributed()
-    if trainer.opt.state.epoch < args.num_epochs:
-        report_stop(context, trainer)
-    elif context.env.is_master:
-        report(context, trainer.opt.state)
+    try:
+        trainer.fit()
+        cleanup_distributed()
+        if trainer.opt.state.epoch < args.num_epochs:
+            report_stop(context, trainer)
+        elif context.env.is_master:
+            report(context, trainer.opt.state, trainer.tracker)
+    finally:
+        trainer.tracker.close()  # after the report, which logs the curves (comet's offline archive is written now)
     return context.output_dir
 
 

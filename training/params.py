@@ -104,10 +104,18 @@ def build_train_parser(dataset: str) -> argparse.ArgumentParser:
                        help="recompute the backbone's transformer blocks in the backward pass (same gradients, "
                             "about one more forward pass of compute, a fraction of the activation memory): "
                             "what lets ViT-L/14 train at batch 128 on a 24 GB GPU")
-    comet = parser.add_argument_group("comet_ml (optional)")
-    comet.add_argument("--api_key", default=None, help="comet_ml API key (never written to the run's files)")
-    comet.add_argument("--workspace", default=None, help="comet_ml workspace")
-    comet.add_argument("--project_name", default="ssn", help="comet_ml project")
+    tracking = parser.add_argument_group("experiment tracking (optional; tracking.py)")
+    tracking.add_argument("--tensorboard", action="store_true",
+                          help="log parameters, losses, validation metrics, retrieval grids and curves as TensorBoard "
+                               "events in <output_dir>/tensorboard")
+    tracking.add_argument("--comet_offline", action="store_true",
+                          help="log the same to a comet_ml offline archive in <output_dir>/comet (no network; "
+                               "`comet upload <zip>` sends it later)")
+    tracking.add_argument("--api_key", default=None,
+                          help="comet_ml API key: with --workspace, log to comet_ml online (never written to the run's "
+                               "files nor logged)")
+    tracking.add_argument("--workspace", default=None, help="comet_ml workspace")
+    tracking.add_argument("--project_name", default="ssn", help="comet_ml project")
     parser.set_defaults(**spec.train_defaults)
     return parser
 
