@@ -130,6 +130,7 @@ def test_quick_gelu_follows_the_pretrained_tag(name, pretrained, forced, expecte
     assert resolve_quick_gelu(name, pretrained, forced) is expected
 
 
+@pytest.mark.slow  # builds ViT-B-32 three times
 def test_openai_weights_run_as_open_clip_quickgelu_model(tmp_path, monkeypatch):
     """create_backbone('ViT-B-32', 'openai') with the download replaced by a local file equals open_clip's
     'ViT-B-32-quickgelu' holding the same weights, and differs from the GELU network of those weights."""

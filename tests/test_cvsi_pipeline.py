@@ -253,6 +253,7 @@ def test_image_features_are_recomputed_when_the_transform_code_changes(circo_set
                                                                    pipeline.TRANSFORM_REVISION]
 
 
+@pytest.mark.slow  # the whole CVSI demo: minutes on 2 CPU cores
 def test_demo_runs_end_to_end(tmp_path, capsys):
     results = demo.main(["--output_dir", str(tmp_path), "--clip_model_name", CLIP, "--num_val", "6", "--num_test", "3",
                          "--gallery_size", "40"])
