@@ -283,6 +283,7 @@ def test_reference_and_gallery_captions_are_separate_sets(tmp_path):
         read_caption_sets([tmp_path / "queries.pkl"], {}, {"circo": (["0", "1", "2"], ["g4", "g1", "g1"])})
 
 
+@pytest.mark.slow  # the whole zero-shot pipeline
 def test_pipeline_uses_release_pickles_in_their_roles(circo, tmp_path):
     root, phi = circo
     data = json.loads((root / CAPTIONS_DIR / "unlabeled2017.json").read_text())

@@ -136,6 +136,7 @@ def test_converted_checkpoint_serves_inference_scripts(official, tmp_path):
         assert score == pytest.approx(float(query @ targets[found.name].T), abs=1e-5)
 
 
+@pytest.mark.slow  # a training run
 def test_converted_checkpoint_fine_tunes_without_resume(official, tmp_path):
     """--pretrained CONVERTED.pt starts a fresh run from its backbone and head (lr 0: they stay as converted)."""
     _, path, config = official

@@ -49,6 +49,7 @@ def test_short_run_with_grad_checkpointing(cirr_root, tmp_path):
     assert json.loads((run / "args.json").read_text())["grad_checkpointing"] is True
 
 
+@pytest.mark.slow  # a training run
 def test_torch_compile_steps_aside_with_a_warning_where_unavailable(cirr_root, tmp_path, monkeypatch):
     def unavailable(*args, **kwargs):
         raise RuntimeError("no C++ compiler found for the inductor backend")
