@@ -3,15 +3,24 @@
 A checkpoint is a dict of plain types (tensors, numbers, strings, lists, dicts) saved with a
 ``format_version``; it is written atomically (:func:`utils.atomic_write_bytes`) and read back with
 ``torch.load(weights_only=True)``, so loading a file never runs code from it.
+
+Since format 3 every checkpoint (and every gallery feature cache entry) is *sealed*: the file is the
+``torch.save`` zip archive whose zip comment (the archive's last bytes, which zip readers and
+``torch.load`` skip) is ``cir-sha256-v1:<h>``, with ``h`` the SHA-256 of every byte before the comment.
+Loading recomputes ``h`` before unpickling (:func:`read_sealed`): a file changed after it was written
+(flipped bits, a partial copy, a hand edit) is refused with an error naming it.  The file stays an
+ordinary ``torch.load``-able file.
 """
 from __future__ import annotations
 
 import errno
+import hashlib
 import io
 import logging
 import os
 import secrets
 import shutil
+import struct
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -21,11 +30,13 @@ import torch
 from torch import Tensor
 
 from model import CheckpointMismatchError
-from utils import atomic_write_bytes
+from utils import UserError, atomic_write_bytes, fsync_directory
 
 __all__ = [
     "CHECKPOINT_FORMAT_VERSION",
     "CheckpointError",
+    "sealed_bytes",
+    "read_sealed",
     "save_checkpoint",
     "load_checkpoint",
     "load_weights_only",
@@ -36,14 +47,96 @@ __all__ = [
 
 _logger = logging.getLogger("cir.checkpoint")
 
-CHECKPOINT_FORMAT_VERSION = 2  # 2: step-level resume (step_in_epoch, sampler, full RNG states)
+# 2: step-level resume (step_in_epoch, sampler, full RNG states); 3: sealed (content checksum), run id
+CHECKPOINT_FORMAT_VERSION = 3
+FIRST_SEALED_VERSION = 3
 _CHECKPOINT_VERSION_KEY = "format_version"
 # What a checkpoint must hold to resume a run (training writes more: args, sampler, best_by, ...).
 RESUME_KEYS = ("model_config", "model", "optimizer", "scheduler", "scaler", "rng", "epoch", "global_step")
 
 
-class CheckpointError(ValueError):
-    """A checkpoint file is missing, corrupt, or not one written by :func:`save_checkpoint`."""
+class CheckpointError(UserError, ValueError):
+    """A checkpoint file is missing, corrupt, damaged, or not one written by :func:`save_checkpoint`."""
+
+
+# The seal: the zip comment "cir-sha256-v1:" + 64 hex digits.  A zip archive ends with its end-of-central-
+# directory record (22 bytes from the signature PK\x05\x06, the comment length in its last 2 bytes),
+# followed by the comment.
+SEAL_PREFIX = b"cir-sha256-v1:"
+_SEAL_LENGTH = len(SEAL_PREFIX) + 64
+_EOCD_SIGNATURE, _EOCD_SIZE = b"PK\x05\x06", 22
+_HASH_BLOCK = 1 << 20
+
+
+def sealed_bytes(obj: Any) -> memoryview:
+    """``torch.save(obj)`` with the seal as its zip comment (module docstring): the bytes of a sealed file.
+
+    The digest covers every byte before the comment, including the comment's length field.
+    """
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    size = buffer.tell()
+    with buffer.getbuffer() as view:
+        if size < _EOCD_SIZE or view[size - _EOCD_SIZE: size - _EOCD_SIZE + 4] != _EOCD_SIGNATURE or view[size - 2: size] != b"\0\0":
+            raise RuntimeError("torch.save did not end its archive with a comment-less end-of-central-directory record")
+    buffer.seek(size - 2)
+    buffer.write(struct.pack("<H", _SEAL_LENGTH))
+    with buffer.getbuffer() as view:
+        digest = hashlib.sha256(view).hexdigest()
+    buffer.write(SEAL_PREFIX + digest.encode("ascii"))
+    return buffer.getbuffer()
+
+
+def _torch_load(source: Any, path: Path, error: type[Exception], what: str, map_location: str | torch.device) -> Any:
+    """``torch.load(source, weights_only=True)``; a file it cannot read is ``error("<what> <path>: ...")``."""
+    try:
+        return torch.load(source, map_location=map_location, weights_only=True)
+    except (OSError, MemoryError):
+        raise  # unreadable file or no memory: not a statement about the file's contents
+    except Exception as exc:  # a damaged file can fail anywhere in the unpickler (IndexError, KeyError, ...)
+        first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise error(f"{what} {path}: corrupt or not a weights-only checkpoint ({first_line})") from exc
+
+
+def read_sealed(
+    path: str | os.PathLike, error: type[Exception], what: str, map_location: str | torch.device = "cpu"
+) -> tuple[Any, bool]:
+    """Load a file written with :func:`sealed_bytes` (or any ``torch.save`` file) with ``weights_only=True``.
+
+    A sealed file's digest is checked before anything is unpickled; the file is read through one open
+    handle, so a concurrent atomic replacement cannot pair one file's digest with another's content.
+
+    Returns:
+        The loaded object and whether the file was sealed (an unsealed file is not checked).
+
+    Raises:
+        ``error``: a missing file, a sealed file whose content no longer matches its digest, or a file
+            the weights-only unpickler cannot read; the message starts with ``"<what> <path>:"``.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise error(f"{what} {path}: no such file")
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        sealed = False
+        if size > _SEAL_LENGTH:
+            f.seek(size - _SEAL_LENGTH)
+            tail = f.read(_SEAL_LENGTH)
+            if tail.startswith(SEAL_PREFIX):
+                sealed = True
+                digest, remaining = hashlib.sha256(), size - _SEAL_LENGTH
+                f.seek(0)
+                while remaining:
+                    block = f.read(min(_HASH_BLOCK, remaining))
+                    if not block:
+                        break
+                    digest.update(block)
+                    remaining -= len(block)
+                if digest.hexdigest().encode("ascii") != tail[len(SEAL_PREFIX):]:
+                    raise error(f"{what} {path}: damaged: its content no longer matches the SHA-256 stored in it "
+                                "(the file changed after it was written); use another copy or checkpoint")
+        f.seek(0)
+        return _torch_load(f, path, error, what, map_location), sealed
 
 
 _PLAIN_TYPES = (Tensor, str, int, float, bool, type(None))
@@ -80,9 +173,7 @@ def save_checkpoint(path: str | os.PathLike, state: Mapping[str, Any]) -> None:
         )
     payload = {_CHECKPOINT_VERSION_KEY: CHECKPOINT_FORMAT_VERSION, **state}
     _check_plain(payload, "state")
-    buffer = io.BytesIO()
-    torch.save(payload, buffer)
-    atomic_write_bytes(path, buffer.getvalue())
+    atomic_write_bytes(path, sealed_bytes(payload))
 
 
 def atomic_link_or_copy(source: str | os.PathLike, destination: str | os.PathLike) -> None:
@@ -102,6 +193,7 @@ def atomic_link_or_copy(source: str | os.PathLike, destination: str | os.PathLik
             with open(tmp, "rb+") as f:
                 os.fsync(f.fileno())
         os.replace(tmp, destination)
+        fsync_directory(destination.parent)
     except OSError as exc:
         tmp.unlink(missing_ok=True)
         raise OSError(exc.errno or errno.EIO, f"could not write {destination}: {exc.strerror or exc}") from exc
@@ -112,31 +204,33 @@ def load_weights_only(
 ) -> Any:
     """``torch.load(path, weights_only=True)`` (no code from the file runs), failures as ``error(...)``.
 
-    A missing file and a file the weights-only unpickler cannot read raise ``error`` with a message
-    starting with ``"<what> <path>:"``; OSError (other than a missing file) and MemoryError pass through.
+    For files of other code bases (official SSN, LinCIR's Φ); this project's files are sealed
+    (:func:`read_sealed`).  A missing file and a file the weights-only unpickler cannot read raise ``error``
+    with a message starting with ``"<what> <path>:"``; OSError (other than a missing file) and MemoryError
+    pass through.
     """
+    path = Path(path)
     if not path.is_file():
         raise error(f"{what} {path}: no such file")
-    try:
-        return torch.load(path, map_location=map_location, weights_only=True)
-    except (OSError, MemoryError):
-        raise  # unreadable file or no memory: not a statement about the file's contents
-    except Exception as exc:  # a damaged file can fail anywhere in the unpickler (IndexError, KeyError, ...)
-        first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise error(f"{what} {path}: corrupt or not a weights-only checkpoint ({first_line})") from exc
+    return _torch_load(path, path, error, what, map_location)
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Load a checkpoint written by :func:`save_checkpoint` with ``torch.load(weights_only=True)``.
+    """Load a checkpoint written by :func:`save_checkpoint` with ``torch.load(weights_only=True)``, its seal
+    verified first.
+
+    A checkpoint of format 1 or 2 (written before checkpoints were sealed) loads with a warning: damage
+    to it cannot be detected.
 
     Returns:
         The saved state dict, including ``format_version``.
 
     Raises:
-        CheckpointError: the file is missing, unreadable as a weights-only checkpoint, or not ours.
+        CheckpointError: the file is missing, damaged (its content no longer matches its seal; a format 3
+            file without a seal), unreadable as a weights-only checkpoint, or not ours.
     """
     path = Path(path)
-    state = load_weights_only(path, CheckpointError, "checkpoint", map_location)
+    state, sealed = read_sealed(path, CheckpointError, "checkpoint", map_location)
     if not isinstance(state, dict) or _CHECKPOINT_VERSION_KEY not in state:
         raise CheckpointError(
             f"checkpoint {path}: not a checkpoint written by save_checkpoint (no {_CHECKPOINT_VERSION_KEY!r})"
@@ -148,6 +242,12 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
         raise CheckpointError(
             f"checkpoint {path}: format version {version!r} is newer than supported ({CHECKPOINT_FORMAT_VERSION})"
         )
+    if not sealed:
+        if version >= FIRST_SEALED_VERSION:  # every file of this format is sealed: the seal itself was damaged
+            raise CheckpointError(f"checkpoint {path}: damaged: a format {version} checkpoint without its content "
+                                  "checksum (the file changed after it was written); use another copy or checkpoint")
+        _logger.warning("checkpoint %s (format %d) has no content checksum: damage to it cannot be detected; loading "
+                        "it anyway (checkpoints written from now on carry one)", path, version)
     return state
 
 

@@ -3,29 +3,31 @@
 An entry is keyed by the checkpoint's identity (a hash of the file's bytes, so a retrained or copied
 checkpoint is recognised by content, not by path), the dataset split, a hash of the ordered image name
 list and the retrieval method, plus any extra settings that change the features (precision,
-preprocessing).  Entries are written atomically (:func:`utils.atomic_write_bytes`): an interrupted run
-never leaves a truncated file behind, and concurrent writers of the same key leave one complete entry.
+preprocessing) and, for the galleries of :func:`checkpoint_gallery_encoder`, the identity of the image
+files themselves (:func:`file_list_identity`): an image replaced on disk gives another key.  Entries are
+written atomically (:func:`utils.atomic_write_bytes`) and sealed with a content checksum
+(:func:`checkpoint.sealed_bytes`): an interrupted run never leaves a truncated file behind, concurrent
+writers of the same key leave one complete entry, and an entry damaged on disk is noticed, logged and
+encoded again.
 """
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import logging
 import os
-import pickle
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
-import torch
 from torch import Tensor
 
+from checkpoint import CheckpointError, read_sealed, sealed_bytes
 from dataset_registry import RetrievalTask
 from utils import atomic_write_bytes
 
 _logger = logging.getLogger("cir.feature_cache")
 _HASH_BLOCK = 1 << 20
-CACHE_FORMAT_VERSION = 1
+CACHE_FORMAT_VERSION = 2  # 2: sealed entries; galleries keyed by their files' identity
 
 
 def checkpoint_identity(checkpoint_path: str | os.PathLike) -> str:
@@ -37,12 +39,23 @@ def checkpoint_identity(checkpoint_path: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
-def file_list_identity(files: Sequence[Path]) -> str:
-    """Hash of every file's resolved path, size and modification time: a rewritten image changes it."""
+def file_list_identity(files: Sequence[str | os.PathLike]) -> str:
+    """Hash of every file's resolved path, size, modification time, status-change time and inode.
+
+    Rewriting a file in place changes its status-change time (ctime), which no program can set back
+    (``os.utime`` restores only the modification time), and replacing it by another file (a copy, a
+    rename, a fresh download) changes its inode: either gives another identity, even for a same-sized
+    file whose modification time was preserved.  No byte is read, so a cache hit costs one ``stat`` per
+    image rather than reading the gallery.  (A change of ownership or permissions also changes the
+    ctime: the features are then encoded again, needlessly but safely.)
+
+    Raises:
+        FileNotFoundError: a file does not exist.
+    """
     identities = []
     for path in files:
         stat = Path(path).stat()
-        identities.append([str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns])
+        identities.append([str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns, stat.st_ino])
     return hashlib.sha256(json.dumps(identities).encode()).hexdigest()
 
 
@@ -88,21 +101,21 @@ def cached_gallery_features(
     path = Path(cache_dir) / f"gallery_{cache_key(checkpoint_id, split, names, method, extra)}.pt"
     if path.is_file():
         try:
-            entry = torch.load(path, map_location="cpu", weights_only=True)
-        except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as error:
-            _logger.warning("%s: unreadable feature cache entry (%s); re-encoding", path, error)
+            entry, sealed = read_sealed(path, CheckpointError, "feature cache entry")
+        except (CheckpointError, OSError) as error:  # a cache is rebuilt, never trusted or fatal when damaged
+            _logger.warning("%s; re-encoding the gallery", error)
         else:
-            if isinstance(entry, dict) and entry.get("names") == names and len(entry.get("features", ())) == len(names):
+            if (sealed and isinstance(entry, dict) and entry.get("format_version") == CACHE_FORMAT_VERSION
+                    and entry.get("names") == names and len(entry.get("features", ())) == len(names)):
                 _logger.info("gallery features for %s (%s) loaded from cache %s", split, method, path)
                 return entry["features"]
-            _logger.warning("cache entry %s holds another gallery; re-encoding", path)
+            _logger.warning("feature cache entry %s is unsealed or holds another gallery; re-encoding", path)
     features = compute()
     if features.shape[0] != len(names):
         raise ValueError(f"compute() returned {features.shape[0]} feature rows for the {len(names)} gallery names of {split}")
-    buffer = io.BytesIO()
-    torch.save({"names": names, "features": features.detach().cpu().contiguous()}, buffer)
+    entry = {"format_version": CACHE_FORMAT_VERSION, "names": names, "features": features.detach().cpu().contiguous()}
     path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(path, buffer.getvalue())
+    atomic_write_bytes(path, sealed_bytes(entry))
     _logger.info("gallery features for %s (%s) computed and cached in %s", split, method, path)
     return features
 
@@ -113,12 +126,14 @@ def checkpoint_gallery_encoder(
     """A ``gallery_encoder`` for :func:`evaluation.evaluate`: galleries of a fixed checkpoint, cached.
 
     The checkpoint is hashed once; each task is keyed by ``<task name>/<split>`` (e.g. ``cirr/val``,
-    ``dress/val``), its gallery names and the method, plus ``settings`` (precision, preprocessing).
+    ``dress/val``), its gallery names and the method, plus ``settings`` (precision, preprocessing) and
+    the identity of the gallery's image files (:func:`file_list_identity`, taken at each call).
     """
     identity = checkpoint_identity(checkpoint_path)
 
     def encode(task: RetrievalTask, method: str, compute: Callable[[], Tensor]) -> Tensor:
+        files = file_list_identity([task.image_path(name) for name in task.gallery])
         return cached_gallery_features(cache_dir, identity, f"{task.name}/{task.split}", task.gallery, method, compute,
-                                       settings)
+                                       {**settings, "files": files})
 
     return encode

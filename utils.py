@@ -1,5 +1,5 @@
-"""General helpers with no knowledge of datasets or models: atomic writes, logging, seeding, run arguments,
-allocator tuning and the metrics log.
+"""General helpers with no knowledge of datasets or models: user errors and the scripts' exit, atomic writes,
+logging, seeding, run arguments, allocator tuning and the metrics log.
 
 Retrieval, metrics, submissions and checkpoints have their own modules (:mod:`retrieval`, :mod:`metrics`,
 :mod:`submission`, :mod:`checkpoint`).
@@ -15,7 +15,7 @@ import random
 import secrets
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -26,7 +26,11 @@ if TYPE_CHECKING:
 # not wait seconds for torch.
 
 __all__ = [
+    "UserError",
+    "UsageError",
+    "run_cli",
     "atomic_write_bytes",
+    "fsync_directory",
     "atomic_write_json",
     "tune_cpu_allocator",
     "MALLOC_ENV_SETTINGS",
@@ -45,16 +49,96 @@ _logger = logging.getLogger("cir.utils")
 
 
 # --------------------------------------------------------------------------------------------------
+# User errors and the scripts' exit
+# --------------------------------------------------------------------------------------------------
+
+
+class UserError(Exception):
+    """A problem with what the user gave a script (data, files, checkpoints, flags, output folders).
+
+    Error types of this project that describe bad input derive from it (``DataError``, ``CheckpointError``,
+    ...).  :func:`run_cli` prints them as one line, without a traceback; every other exception is a
+    programming error and keeps its traceback.
+    """
+
+
+class UsageError(UserError, ValueError):
+    """A flag value (or combination) no run can start with."""
+
+
+DEBUG_FLAG = "--debug"
+DEBUG_ENV = "CIR_DEBUG"
+
+
+def _error_line(error: BaseException) -> str:
+    """The message of a user error; an OSError as "<what went wrong>: <file>" (never "[Errno 2] ...")."""
+    if isinstance(error, OSError) and error.strerror:
+        text = error.strerror
+        if error.filename is not None and str(error.filename) not in text:
+            text = f"{text}: {error.filename}"
+        return text
+    return str(error) or type(error).__name__
+
+
+def run_cli(main: Callable[[list[str]], Any], argv: Sequence[str] | None = None, prog: str | None = None) -> Any:
+    """Run a script's ``main(argv)``; a user error ends it with one line on stderr and exit status 1.
+
+    User errors are :class:`UserError` and OSError (a missing file, no permission, a full disk: the
+    environment, not the code).  Any other exception is a programming error and propagates with its
+    traceback.  ``--debug`` anywhere on the command line (removed before ``main`` sees it) or the
+    environment variable ``CIR_DEBUG=1`` shows the traceback of user errors too.  Ctrl-C ends with status 130.
+
+    Returns:
+        What ``main`` returned.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = DEBUG_FLAG in argv or os.environ.get(DEBUG_ENV, "") not in ("", "0")
+    argv = [arg for arg in argv if arg != DEBUG_FLAG]
+    prog = prog or Path(sys.argv[0]).name
+    try:
+        return main(argv)
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print(f"{prog}: interrupted", file=sys.stderr)
+        raise SystemExit(130) from None
+    except (UserError, OSError) as error:
+        if debug:
+            raise
+        print(f"{prog}: error: {_error_line(error)}", file=sys.stderr)
+        raise SystemExit(1) from None
+
+
+# --------------------------------------------------------------------------------------------------
 # Atomic writes
 # --------------------------------------------------------------------------------------------------
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+def fsync_directory(directory: str | os.PathLike) -> None:
+    """fsync a directory, so that a rename into it survives a power loss (POSIX; a no-op on Windows).
+
+    A filesystem that cannot fsync directories (EINVAL / ENOTSUP, e.g. some network mounts) is skipped.
+    """
+    if os.name == "nt":  # directories cannot be opened there; NTFS journals the rename itself
+        return
+    fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(fd)
+    except OSError as exc:
+        if exc.errno not in (errno.EINVAL, errno.ENOTSUP):
+            raise
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes | memoryview) -> None:
     """Write ``data`` to ``path`` so that readers see either the old file or the complete new one.
 
-    The bytes go to a temporary file in the same directory (same filesystem, so ``os.replace`` is
-    atomic), are flushed and fsynced, then renamed over ``path``. On failure (e.g. disk full) the
-    temporary file is removed, ``path`` is left untouched and an OSError naming ``path`` is raised.
+    The bytes go to a temporary file ``.<name>.<12 hex digits>.tmp`` in the same directory (same
+    filesystem, so ``os.replace`` is atomic), are flushed and fsynced, then renamed over ``path``, and the
+    directory is fsynced so that the rename itself is durable. On failure (e.g. disk full) the temporary
+    file is removed, ``path`` is left untouched and an OSError naming ``path`` is raised.  A process killed
+    mid-write leaves its temporary file behind (training removes them when it starts).
     """
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
@@ -68,6 +152,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+        fsync_directory(path.parent)
     except BaseException as exc:
         if created:
             tmp.unlink(missing_ok=True)

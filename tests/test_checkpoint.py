@@ -1,8 +1,12 @@
 """Tests for checkpoint.py: atomic weights-only checkpoints, their errors, and CheckpointSaver's files."""
 
 import argparse
+import hashlib
 import logging
 import os
+import stat
+import zipfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -125,6 +129,66 @@ def test_load_checkpoint_errors_name_file(tmp_path):
     with pytest.raises(CheckpointError, match="newer"):
         load_checkpoint(newer)
     assert issubclass(CheckpointError, ValueError)
+
+
+def test_a_checkpoint_is_sealed_by_the_sha256_of_its_bytes_in_the_zip_comment(tmp_path):
+    _, state = make_state()
+    path = tmp_path / "c.pt"
+    save_checkpoint(path, state)
+    data = path.read_bytes()
+    comment = zipfile.ZipFile(path).comment
+    assert comment == data[-len(comment):] and comment.startswith(b"cir-sha256-v1:")
+    assert comment[len(b"cir-sha256-v1:"):].decode() == hashlib.sha256(data[: -len(comment)]).hexdigest()
+    # an ordinary torch file: torch.load(weights_only=True) reads it without this project's code
+    assert torch.load(path, weights_only=True)["epoch"] == 3
+
+
+def test_unsealed_checkpoints_load_with_a_warning_before_format_3_only(tmp_path, caplog):
+    _, state = make_state()
+    legacy = tmp_path / "legacy.pt"
+    torch.save({**state, "format_version": 2}, legacy)  # as format 2 wrote checkpoints
+    with caplog.at_level(logging.WARNING, logger="cir.checkpoint"):
+        assert load_checkpoint(legacy)["epoch"] == 3
+    assert f"checkpoint {legacy} (format 2) has no content checksum" in caplog.text
+    unsealed = tmp_path / "unsealed.pt"
+    torch.save({**state, "format_version": CHECKPOINT_FORMAT_VERSION}, unsealed)  # a seal stripped or never written
+    with pytest.raises(CheckpointError, match=f"{unsealed}: damaged: a format {CHECKPOINT_FORMAT_VERSION} checkpoint without"):
+        load_checkpoint(unsealed)
+
+
+def test_a_changed_byte_anywhere_is_a_named_error(tmp_path):
+    """Every single byte of a small sealed checkpoint flipped in turn: never a silent load."""
+    _, state = make_state()
+    path = tmp_path / "c.pt"
+    save_checkpoint(path, state)
+    good = path.read_bytes()
+    damaged = tmp_path / "damaged.pt"
+    for offset in range(0, len(good)):
+        damaged.write_bytes(good[:offset] + bytes([good[offset] ^ 0x20]) + good[offset + 1:])
+        with pytest.raises(CheckpointError, match=str(damaged)):
+            load_checkpoint(damaged)
+
+
+def test_writes_fsync_the_file_then_rename_then_fsync_the_directory(tmp_path, monkeypatch):
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        events.append("fsync directory" if stat.S_ISDIR(os.fstat(fd).st_mode) else "fsync file")
+        real_fsync(fd)
+
+    def replace(source, destination):
+        events.append(f"rename to {Path(destination).name}")
+        real_replace(source, destination)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    _, state = make_state()
+    save_checkpoint(tmp_path / "last.pt", state)
+    assert events == ["fsync file", "rename to last.pt", "fsync directory"]
+    events.clear()
+    checkpoint.atomic_link_or_copy(tmp_path / "last.pt", tmp_path / "best.pt")
+    assert events == ["rename to best.pt", "fsync directory"]  # a hard link: no data to fsync
 
 
 # ---------------------------------------------------------------------------------------------

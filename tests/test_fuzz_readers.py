@@ -154,12 +154,14 @@ def _torch_file(obj: Any) -> bytes:
     return buffer.getvalue()
 
 
-GOOD_CHECKPOINT = _torch_file(
-    {"format_version": checkpoint.CHECKPOINT_FORMAT_VERSION, "model": torch.nn.Linear(3, 2).state_dict(), "epoch": 1}
-)
+GOOD_STATE = {"format_version": checkpoint.CHECKPOINT_FORMAT_VERSION, "model": torch.nn.Linear(3, 2).state_dict(), "epoch": 1}
+GOOD_CHECKPOINT = bytes(checkpoint.sealed_bytes(GOOD_STATE))
+# A checkpoint of format 2, written before checkpoints were sealed (loads with a warning).
+LEGACY_CHECKPOINT = _torch_file({**GOOD_STATE, "format_version": 2})
 checkpoint_files = st.one_of(
     st.binary(max_size=256),
     damaged_copies(GOOD_CHECKPOINT),
+    damaged_copies(LEGACY_CHECKPOINT),
     # well-formed torch files holding the wrong things (no version, a wrong version type, not a dict)
     json_values.map(_torch_file),
     json_values.map(lambda value: _torch_file({"format_version": value, "model": {}})),
@@ -177,6 +179,18 @@ def test_load_checkpoint_loads_or_raises_checkpoint_error(workdir, data):
         assert str(path) in str(error)
     else:
         assert isinstance(state, dict) and 1 <= state["format_version"] <= checkpoint.CHECKPOINT_FORMAT_VERSION
+
+
+@FUZZ
+@given(data=damaged_copies(GOOD_CHECKPOINT))
+@example(data=GOOD_CHECKPOINT[:-1])  # the seal cut short
+@example(data=GOOD_CHECKPOINT[:-checkpoint._SEAL_LENGTH])  # the seal cut off
+def test_a_damaged_sealed_checkpoint_never_loads(workdir, data):
+    """Any byte of a sealed checkpoint changed, or the file cut short anywhere: a CheckpointError naming the file."""
+    path = workdir / "checkpoint.pt"
+    path.write_bytes(data)
+    with pytest.raises(checkpoint.CheckpointError, match=str(path)):
+        checkpoint.load_checkpoint(path)
 
 
 # ---------------------------------------------------------------------------------------------- datasets
