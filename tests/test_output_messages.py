@@ -29,3 +29,17 @@ def test_random_weights_do_not_repeat_open_clip_s_warning(caplog):
         logging.warning("No pretrained weights loaded: said outside create_backbone, still shown")
     said = [r.getMessage() for r in caplog.records if "No pretrained weights loaded" in r.getMessage()]
     assert said == ["No pretrained weights loaded: said outside create_backbone, still shown"]
+
+
+def test_readme_carries_the_printed_legend():
+    # The README explains the metric names with the very words the scripts print under their tables.
+    from pathlib import Path
+
+    from metrics import metric_meanings
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    keys = ["R@1", "Rs@1", "Avg", "mean", "harmonic_mean", "geometric_mean", "dress_R@10", "avg_R@10", "mAP@10",
+            "mAP@10_addition"]
+    for key, meaning in metric_meanings(keys).items():
+        assert meaning in readme, key
+    assert metric_meanings(["avg_R@10", "mean"])["mean"] in readme  # FashionIQ's mean
