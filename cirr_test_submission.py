@@ -8,7 +8,6 @@ Writes recall_submission_<name>.json (top 50, reference excluded) and recall_sub
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 from typing import Sequence
 
@@ -45,4 +44,4 @@ def main(argv: Sequence[str] | None = None) -> tuple[Path, Path]:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    utils.run_cli(main)

@@ -8,8 +8,10 @@ Three benchmarks are supported in their real on-disk layouts:
 
 Every dataset checks its annotation files and image paths up front (cheaply, without decoding
 images) and reports *all* problems in one :class:`DataError`, so a broken download fails at start-up
-instead of hours into training. Images that turn out to be unreadable later also raise
-:class:`DataError`; no sample is ever silently dropped.
+instead of hours into training; :func:`check_image_headers` adds a check that each file is an image PIL
+can identify (its header only), and :class:`DataReport` joins the problems of several splits into one
+error. Images that turn out to be unreadable later also raise :class:`DataError`; no sample is ever
+silently dropped.
 
 Small synthetic datasets in exactly these layouts are written by the :mod:`synthetic` package
 (``python -m synthetic --help``).
@@ -20,11 +22,12 @@ from __future__ import annotations
 import json
 import math
 import random
+import re
 import struct
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
@@ -33,10 +36,12 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision import transforms as tv_transforms
 from torchvision.transforms import InterpolationMode
 
-from utils import seed_worker
+from utils import UserError, seed_worker
 
 __all__ = [
     "DataError",
+    "DataReport",
+    "check_image_headers",
     "load_image",
     "read_json",
     "TargetPad",
@@ -66,8 +71,27 @@ MAX_LISTED_PROBLEMS = 20
 # --------------------------------------------------------------------------------------------
 
 
-class DataError(ValueError):
-    """Bad input data. The message names the offending file(s) and what is wrong."""
+# How a DataLoader re-raises an exception from a worker process: a new exception of the same type whose
+# message is "Caught <Type> in DataLoader worker process <n>.\nOriginal Traceback ...", the worker's
+# whole traceback, ending in "<module>.<Type>: <message>".
+_WORKER_MESSAGE = re.compile(r"\ACaught DataError in DataLoader worker process \d+\.\nOriginal Traceback .*?"
+                             r"^(?:[\w.]+\.)?DataError: (?P<message>.*)\Z", re.S | re.M)
+
+
+class DataError(UserError, ValueError):
+    """Bad input data. The message names the offending file(s) and what is wrong.
+
+    ``problems`` holds the individual problems (one line each) of an error that reports several.  Raised
+    in a DataLoader worker, the error reaches the main process with its original message (the worker's
+    traceback, which the DataLoader puts into the message, is left out).
+    """
+
+    def __init__(self, message: str, problems: Sequence[str] | None = None) -> None:
+        worker = _WORKER_MESSAGE.match(message)
+        if worker:
+            message = worker["message"].rstrip()
+        super().__init__(message)
+        self.problems = list(problems) if problems is not None else [message]
 
 
 # Exceptions PIL raises for missing, truncated, corrupt or non-image files. UnidentifiedImageError
@@ -151,7 +175,74 @@ class _Problems:
         lines += [f"  - {message}" for message in shown]
         if len(self.messages) > len(shown):
             lines.append(f"  ... and {len(self.messages) - len(shown)} more")
-        raise DataError("\n".join(lines))
+        raise DataError("\n".join(lines), self.messages)
+
+
+T = TypeVar("T")
+
+
+class DataReport:
+    """The problems of several parts of a dataset (e.g. its train and val splits), raised as one DataError.
+
+    Each part is read with :meth:`read` (its DataError is recorded instead of raised) or checked by the
+    caller (:meth:`add`); :meth:`raise_if_any` then reports every problem of every part at once.
+    """
+
+    def __init__(self, context: str) -> None:
+        self.context = context
+        self.parts: dict[str, list[str]] = {}
+
+    def read(self, part: str, reader: Callable[[], T]) -> T | None:
+        """``reader()``, or None with its problems recorded under ``part`` when it raises DataError."""
+        try:
+            return reader()
+        except DataError as error:
+            self.add(part, error.problems)
+            return None
+
+    def add(self, part: str, problems: Iterable[str]) -> None:
+        """Record ``problems`` (one line each) of ``part``."""
+        problems = list(problems)
+        if problems:
+            self.parts.setdefault(part, []).extend(problems)
+
+    def raise_if_any(self, note: str = "") -> None:
+        """Raise one DataError listing up to ``MAX_LISTED_PROBLEMS`` problems of each part, if there are any
+        (``note``: a last line, e.g. what the user can do)."""
+        total = sum(len(problems) for problems in self.parts.values())
+        if not total:
+            return
+        counts = ", ".join(f"{part}: {len(problems)}" for part, problems in self.parts.items())
+        lines = [f"{self.context}: {total} data problem(s) ({counts}):"]
+        for part, problems in self.parts.items():
+            lines += [f"  - [{part}] {problem}" for problem in problems[:MAX_LISTED_PROBLEMS]]
+            if len(problems) > MAX_LISTED_PROBLEMS:
+                lines.append(f"  ... and {len(problems) - MAX_LISTED_PROBLEMS} more in {part}")
+        if note:
+            lines.append(note)
+        raise DataError("\n".join(lines), [f"[{part}] {p}" for part, problems in self.parts.items() for p in problems])
+
+
+def check_image_headers(paths: Iterable[str | Path]) -> list[str]:
+    """Problems of files that are not images PIL can identify, one line each naming the file.
+
+    Only the header is parsed (about 0.06 ms per file when cached, against 3.5 ms for decoding a
+    500 x 400 JPEG), so the check catches non-image and garbled files, not truncated image data (which
+    :func:`load_image` reports when the image is read).  Missing files are left to the readers, which
+    report them with the annotation file that names them.
+    """
+    problems = []
+    for path in paths:
+        try:
+            with Image.open(path):
+                pass
+        except FileNotFoundError:
+            continue
+        except UnidentifiedImageError:
+            problems.append(f"{path}: not an image file (PIL cannot identify it)")
+        except _IMAGE_ERRORS as error:
+            problems.append(f"{path}: unreadable image ({type(error).__name__}: {error})")
+    return problems
 
 
 def _kind(value: Any) -> str:
@@ -318,6 +409,10 @@ class _CIRDataset(Dataset):
     def image_path(self, name: str) -> Path:
         """File of gallery/query image ``name`` (resolved once, at construction)."""
         return self._image_paths[name]
+
+    def image_files(self) -> list[Path]:
+        """Every image file the split refers to, once each, sorted."""
+        return sorted(set(self._image_paths.values()))
 
     def _image(self, name: str) -> torch.Tensor:
         return self.transform(load_image(self._image_paths[name]))

@@ -13,7 +13,6 @@ Each step logs when it starts; long loops log a progress line every 30 s (a bar 
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 from typing import Sequence
@@ -91,4 +90,4 @@ Where everything went:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    utils.run_cli(main)

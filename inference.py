@@ -99,7 +99,7 @@ def _data_root(trained: TrainedModel, checkpoint: str | os.PathLike, data_root: 
     """``data_root`` if given, else the one the model was trained with."""
     root = data_root or trained.train_args.get("data_root")
     if not root:
-        raise ValueError(f"{checkpoint} records no data_root: pass --data_root")
+        raise utils.UsageError(f"{checkpoint} records no data_root: pass --data_root")
     return root
 
 
@@ -187,7 +187,7 @@ def write_cirr_test_submission(
     trained = load_trained_model(checkpoint, device_)
     spec = get_dataset("cirr")
     if trained.dataset != spec.name:
-        raise ValueError(f"{checkpoint} was trained on {trained.dataset}, not CIRR")
+        raise utils.UsageError(f"{checkpoint} was trained on {trained.dataset}, not CIRR")
     root = resolve_dataset_root(_data_root(trained, checkpoint, data_root), spec.name)
     (task,) = spec.tasks(root, spec.test_split)
     method = ModelRetrieval(trained.model, "ssn", trained.transform, device_, precision, batch_size, num_workers)

@@ -7,9 +7,10 @@ Reads ``<run>/metrics.jsonl`` (also while training is still running) and writes 
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 from typing import Sequence
+
+import utils
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -35,4 +36,4 @@ def main(argv: Sequence[str] | None = None) -> Path:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    utils.run_cli(main)

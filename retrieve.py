@@ -14,7 +14,6 @@ the gallery features.
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 from typing import Sequence
 
@@ -51,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> list[tuple[Path, float]]:
     args = build_parser().parse_args(argv)
     if args.top_k < 1:
-        raise ValueError(f"--top_k must be >= 1, got {args.top_k}")
+        raise utils.UsageError(f"--top_k must be >= 1, got {args.top_k}")
     logger = utils.setup_logging(None)
     # Imported after parsing: --help needs no open_clip.
     import torch
@@ -115,4 +114,4 @@ def main(argv: Sequence[str] | None = None) -> list[tuple[Path, float]]:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    utils.run_cli(main)

@@ -15,7 +15,7 @@ from typing import Any
 from torch import Tensor
 
 from retrieval import check_lengths, cirr_rankings
-from utils import atomic_write_bytes, atomic_write_json
+from utils import UserError, atomic_write_bytes, atomic_write_json
 
 __all__ = [
     "SubmissionError",
@@ -39,7 +39,7 @@ CIRCO_SUBMISSION_LENGTH = 50
 FIQ_RANKING_LENGTH = 50
 
 
-class SubmissionError(ValueError):
+class SubmissionError(UserError, ValueError):
     """A benchmark submission breaks the server's rules; ``problems`` lists every violation."""
 
     max_shown = 20

@@ -5,10 +5,10 @@
 """
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Sequence
 
+import utils
 from training.params import parse_train_args
 
 
@@ -20,4 +20,4 @@ def main(argv: Sequence[str] | None = None) -> Path:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    utils.run_cli(main)

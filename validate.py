@@ -9,7 +9,6 @@ report.md in a new folder <run>/validation/<checkpoint>-NNN/ (the run's own file
 from __future__ import annotations
 
 import argparse
-import sys
 from typing import Sequence
 
 import utils
@@ -53,4 +52,4 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, float]]:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    utils.run_cli(main)

@@ -10,7 +10,6 @@ method: cvsi/pipeline.py; docs/cvsi.md.
 """
 from __future__ import annotations
 
-import sys
 from typing import Any, Sequence
 
 import utils
@@ -31,4 +30,4 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    utils.run_cli(main)

@@ -20,14 +20,14 @@ from typing import Any, Iterable, Mapping
 import torch
 from torch import Tensor, nn
 
-from utils import atomic_write_bytes, atomic_write_json
+from utils import UserError, atomic_write_bytes, atomic_write_json
 
 __all__ = ["CacheError", "fingerprint", "module_fingerprint", "JsonCache", "TensorCache"]
 
 _DIGEST_CHARS = 24
 
 
-class CacheError(RuntimeError):
+class CacheError(UserError, RuntimeError):
     """A cache part file is damaged (the message names it)."""
 
 

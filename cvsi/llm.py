@@ -22,6 +22,7 @@ from typing import Any, Callable, Mapping, Sequence
 from tqdm import tqdm
 
 from cvsi.cache import JsonCache, fingerprint
+from utils import UserError
 
 __all__ = [
     "LLMError", "MalformedAnswer", "ChatConfig", "ChatClient", "LLMJob", "LLMFailure", "run_jobs",
@@ -38,7 +39,7 @@ _NO_KEY = "no-key"
 _DETAIL_CHARS = 200
 
 
-class LLMError(RuntimeError):
+class LLMError(UserError, RuntimeError):
     """A request failed for good (after the client's retries, or with a non-retryable HTTP status)."""
 
 

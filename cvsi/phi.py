@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from checkpoint import load_weights_only
-from utils import atomic_write_bytes
+from utils import UserError, atomic_write_bytes
 
 __all__ = ["Phi", "PhiCheckpointError", "PHI_STATE_KEY", "load_phi", "save_phi"]
 
@@ -25,7 +25,7 @@ PHI_STATE_KEY = "Phi"  # LinCIR saves {"epoch": ..., "Phi": state_dict}
 _HIDDEN_MULTIPLIER = 4  # LinCIR: hidden width = 4 * CLIP embedding dim
 
 
-class PhiCheckpointError(ValueError):
+class PhiCheckpointError(UserError, ValueError):
     """A Φ checkpoint file is missing, unreadable, or does not fit the backbone."""
 
 

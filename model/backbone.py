@@ -25,6 +25,8 @@ import torch
 from open_clip.transformer import QuickGELU, text_global_pool
 from torch import Tensor, nn
 
+from utils import UsageError
+
 from . import hf_clip
 
 MODEL_CONFIG_DIR = Path(__file__).resolve().parent / "model_configs"
@@ -293,13 +295,13 @@ def create_backbone(
         return backbone
     # ---- end of the Hugging Face hook
     if model_name not in open_clip.list_models():
-        raise ValueError(
+        raise UsageError(
             f"unknown open_clip model {model_name!r}; shipped tiny configs: {list_shipped_configs()}"
         )
     if pretrained and not Path(pretrained).is_file():
         known = open_clip.list_pretrained_tags_by_model(model_name)
         if pretrained not in known:
-            raise ValueError(
+            raise UsageError(
                 f"{pretrained!r} is neither a local checkpoint file nor a pretrained tag of {model_name} "
                 f"(known tags: {known})"
             )

@@ -43,6 +43,8 @@ import open_clip
 import torch
 from torch import Tensor
 
+from utils import UserError
+
 CONFIG_FILE = "config.json"
 # Single-file weights first; a sharded checkpoint is read through its index.
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
@@ -93,7 +95,7 @@ OPENAI_SIZES = {
 }
 
 
-class HFCLIPError(ValueError):
+class HFCLIPError(UserError, ValueError):
     """A Hugging Face CLIP config or weights file that cannot be read as a CLIP model."""
 
 

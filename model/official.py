@@ -17,13 +17,15 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from utils import UserError
+
 from . import hf_clip
 from .ssn_model import CheckpointMismatchError, SSNModel, build_ssn_model, check_state_dict
 
 OFFICIAL_MODEL_KEY = "Model"
 
 
-class OfficialCheckpointError(ValueError):
+class OfficialCheckpointError(UserError, ValueError):
     """A file that is not an official SSN checkpoint, or whose weights do not fit the given config."""
 
 

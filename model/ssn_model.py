@@ -6,6 +6,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from utils import UserError
+
 from . import hf_clip
 from .backbone import CLIPBackbone, create_backbone, resolve_quick_gelu
 from .retrievers import RETRIEVERS, get_retriever
@@ -15,7 +17,7 @@ from .ssn_head import SSNHead
 RETRIEVAL_METHODS = tuple(RETRIEVERS)
 
 
-class CheckpointMismatchError(ValueError):
+class CheckpointMismatchError(UserError, ValueError):
     """A checkpoint was made for another backbone or head size."""
 
 

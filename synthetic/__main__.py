@@ -2,5 +2,6 @@
 import sys
 
 from synthetic.cli import main
+from utils import run_cli
 
-sys.exit(main())
+sys.exit(run_cli(main, prog="python -m synthetic"))

@@ -9,10 +9,13 @@ random weights, one CPU thread (so in-process and subprocess runs compute the sa
 """
 from __future__ import annotations
 
+import ast
 import contextlib
 import errno
 import json
 import os
+import random
+import runpy
 import shutil
 import signal
 import subprocess
@@ -25,7 +28,9 @@ import pytest
 import torch
 
 import cirr_test_submission
+import inference
 import train_cirr
+import training.train
 import utils
 import validate
 from checkpoint import CheckpointError, load_checkpoint, save_checkpoint
@@ -132,7 +137,8 @@ def assert_same_run(expected_dir: Path, actual_dir: Path) -> int:
     same best metrics, summary and logged metrics; returns the number of tensors compared."""
     expected = load_checkpoint(expected_dir / "checkpoints" / "last.pt")
     actual = load_checkpoint(actual_dir / "checkpoints" / "last.pt")
-    expected.pop("args"), actual.pop("args")  # output_dir / resume differ by design
+    for key in ("args", "run_id"):  # output_dir / resume and the run's id differ by design
+        expected.pop(key), actual.pop(key)
     expected_leaves, actual_leaves = dict(leaves(expected)), dict(leaves(actual))
     assert expected_leaves.keys() == actual_leaves.keys()
     tensors = 0
@@ -182,6 +188,7 @@ def test_resumable_sampler_order_resume_and_shards():
 
 
 # ---------------------------------------------------------------------------------------------- exact resume
+@pytest.mark.slow  # a training subprocess killed and resumed
 def test_sigkill_mid_epoch_then_resume_matches_uninterrupted_run(data, reference_run, tmp_path):
     run = tmp_path / "run"
     log = tmp_path / "killed.log"
@@ -225,6 +232,7 @@ def test_sigterm_in_process_checkpoints_at_step_boundary_and_resumes_exactly(dat
     assert_same_run(reference_run, run)
 
 
+@pytest.mark.slow  # a training subprocess
 def test_sigterm_subprocess_writes_checkpoint_and_exits_zero(data, tmp_path):
     run = tmp_path / "run"
     log = tmp_path / "train.log"
@@ -330,26 +338,32 @@ def test_amp_path_lets_grad_scaler_skip_and_stops_after_k(data):
 
 
 # ---------------------------------------------------------------------------------------------- bad data
-def corrupt_train_image(root: Path) -> tuple[str, int]:
-    """Truncate the reference image of the first train triplet; returns its file name and how many triplets use it."""
+def corrupt_train_image(root: Path, keep: float = 0.0) -> tuple[str, int]:
+    """Truncate the reference image of the first train triplet (to 40 bytes, the PNG header cut, or to the fraction
+    ``keep`` of its bytes); returns its file name and how many triplets use it."""
     triplets = read_json(root / "cirr" / "captions" / "cap.rc2.train.json")
     name = triplets[0]["reference"]
     path = CIRRDataset(root, "train", "relative", lambda image: image).image_path(name)
-    path.write_bytes(path.read_bytes()[:40])
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * keep)] if keep else data[:40])
     uses = sum(name in (t["reference"], t["target_hard"]) for t in triplets)
     return path.name, uses
 
 
-def test_unreadable_training_image_stops_with_its_name(data_copy, tmp_path):
-    file_name, _ = corrupt_train_image(data_copy)
-    with pytest.raises(DataError, match=file_name):
-        train_cirr.main(train_args(data_copy, tmp_path / "run", epochs=1))
+@pytest.mark.parametrize("workers", [0, 2])
+def test_unreadable_training_image_stops_with_its_name(data_copy, tmp_path, workers):
+    # Cut in the middle of the image data: the header is intact, so only reading the image fails (in epoch 1).
+    file_name, _ = corrupt_train_image(data_copy, keep=0.5)
+    with pytest.raises(DataError, match=file_name) as info:
+        train_cirr.main(train_args(data_copy, tmp_path / "run", "--num_workers", str(workers), epochs=1))
+    assert "Traceback" not in str(info.value)  # a worker's traceback stays out of the message
     assert "--skip_bad_samples" in (tmp_path / "run" / "log.txt").read_text()
 
 
 def test_skip_bad_samples_counts_and_lists_every_skip(data_copy, tmp_path):
     file_name, uses = corrupt_train_image(data_copy)
-    run = train_cirr.main(train_args(data_copy, tmp_path / "run", "--skip_bad_samples", epochs=1))
+    run = train_cirr.main(train_args(data_copy, tmp_path / "run", "--skip_bad_samples", "--max_bad_sample_fraction", "0.5",
+                                     epochs=1))
     report = read_json(run / "bad_samples.json")
     assert report["count"] == uses == len(report["samples"]) >= 1
     assert all(file_name in sample["error"] and sample["epoch"] == 0 for sample in report["samples"])
@@ -407,3 +421,330 @@ def test_full_disk_keeps_earlier_outputs(data, reference_run, tmp_path, monkeypa
     assert info.value.errno == errno.ENOSPC
     assert {path: path.read_bytes() for path in before} == before
     assert not list(run.rglob(".*.tmp"))
+    log = (run / "log.txt").read_text().splitlines()  # the error that ended the run is in its log too
+    assert any("ERROR" in line and "could not write" in line and "last.pt" in line and "No space left on device" in line
+               for line in log)
+
+
+# ---------------------------------------------------------------------------------------------- damaged checkpoints
+def test_bytes_flipped_inside_last_pt_are_always_a_named_error(data, reference_run, tmp_path):
+    """30 seeded tries of 8-64 bytes flipped at random places of a training last.pt (tensor data, pickle, zip records,
+    the seal): each one a CheckpointError naming the file, never a silent load."""
+    good = (reference_run / "checkpoints" / "last.pt").read_bytes()
+    rng = random.Random(12)
+    damaged = tmp_path / "checkpoints" / "last.pt"
+    damaged.parent.mkdir()
+    for _ in range(30):
+        flipped = bytearray(good)
+        for offset in rng.sample(range(len(flipped)), rng.randint(8, 64)):
+            flipped[offset] ^= rng.randint(1, 255)
+        damaged.write_bytes(bytes(flipped))
+        with pytest.raises(CheckpointError, match=str(damaged)):
+            load_checkpoint(damaged)
+    # as --resume and validate.py meet it
+    with pytest.raises(CheckpointError, match=f"{damaged}: damaged"):
+        train_cirr.main(train_args(data, tmp_path, "--resume", str(damaged)))
+    with pytest.raises(CheckpointError, match=f"{damaged}: damaged"):
+        validate.main(["--checkpoint", str(damaged), "--output", str(tmp_path / "v.json")])
+
+
+# ---------------------------------------------------------------------------------------------- every split up front
+def val_image_paths(root: Path) -> list[Path]:
+    split_map = read_json(root / "cirr" / "image_splits" / "split.rc2.val.json")
+    return [root / relative for relative in split_map.values()]
+
+
+def test_an_empty_val_split_is_reported_before_training(data_copy, tmp_path):
+    (data_copy / "cirr" / "captions" / "cap.rc2.val.json").write_text("[]")
+    run = tmp_path / "run"
+    with pytest.raises(DataError, match=r"\[val\] cirr val: no queries"):
+        train_cirr.main(train_args(data_copy, run))
+    assert not (run / "checkpoints" / "last.pt").exists() and not (run / "metrics.jsonl").exists()
+
+
+def test_train_and_val_problems_are_reported_together(data_copy, tmp_path):
+    split_map = read_json(data_copy / "cirr" / "image_splits" / "split.rc2.train.json")
+    missing = data_copy / next(iter(split_map.values()))
+    missing.unlink()
+    captions = data_copy / "cirr" / "captions" / "cap.rc2.val.json"
+    entries = read_json(captions)
+    captions.write_text(json.dumps([{**entries[0], "reference": "no-such-image"}, *entries[1:]]))
+    run = tmp_path / "run"
+    with pytest.raises(DataError, match=r"2 data problem\(s\) \(train: 1, val: 1\)") as info:
+        train_cirr.main(train_args(data_copy, run))
+    assert missing.name in str(info.value) and "no-such-image" in str(info.value)
+    # the val annotations repaired, two val images are not images: found before training too, with the train problem
+    captions.write_text(json.dumps(entries))
+    garbled = val_image_paths(data_copy)[:2]
+    for path in garbled:
+        path.write_bytes(path.read_bytes()[:40])
+    with pytest.raises(DataError, match=r"3 data problem\(s\) \(train: 1, val: 2\)") as info:
+        train_cirr.main(train_args(data_copy, run))
+    assert all(f"{path}: not an image file" in str(info.value) for path in garbled)
+    assert not (run / "checkpoints" / "last.pt").exists()
+
+
+def test_a_val_image_that_fails_to_decode_costs_no_training(data_copy, reference_run, tmp_path):
+    """The header is intact (the up-front check passes), the data cut: validation fails after epoch 1, whose training
+    is in last.pt already; with the image repaired, --resume runs that validation and ends as an uninterrupted run."""
+    image = val_image_paths(data_copy)[0]
+    good = image.read_bytes()
+    image.write_bytes(good[: len(good) // 2])
+    run = tmp_path / "run"
+    last = run / "checkpoints" / "last.pt"
+    with pytest.raises(DataError, match=f"(?s){image.name}.*--resume {last}"):
+        train_cirr.main(train_args(data_copy, run))
+    saved = load_checkpoint(last)
+    assert (saved["epoch"], saved["validation_pending"]) == (1, True)
+    image.write_bytes(good)
+    train_cirr.main(train_args(data_copy, run, "--resume", str(last)))
+    assert_same_run(reference_run, run)
+    assert "running the validation of epoch 1" in (run / "log.txt").read_text()
+
+
+# ---------------------------------------------------------------------------------------------- run folders
+def stop_at_step(monkeypatch, step: int, error: BaseException) -> None:
+    """Training raises ``error`` in its ``step``-th optimisation step (1-based), as a kill or a bug would end it."""
+    calls = 0
+    real_step = training.train.train_step
+
+    def train_step(*args: Any, **kwargs: Any) -> Any:
+        nonlocal calls
+        calls += 1
+        if calls == step:
+            raise error
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(training.train, "train_step", train_step)
+
+
+def test_a_run_stopped_before_its_first_checkpoint_still_owns_its_folder(data, tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    stop_at_step(monkeypatch, 3, KeyboardInterrupt())
+    with pytest.raises(KeyboardInterrupt):
+        train_cirr.main(train_args(data, run))
+    monkeypatch.undo()
+    assert not (run / "checkpoints" / "last.pt").exists()
+    run_id = read_json(run / "args.json")["run_id"]
+    assert "stopped: interrupted" in (run / "log.txt").read_text()
+    before = {name: (run / name).read_bytes() for name in ("args.json", "log.txt", "metrics.jsonl")}
+
+    with pytest.raises(FileExistsError, match=r"stopped before its first checkpoint.*--lr 0\.002.*--overwrite"):
+        train_cirr.main(train_args(data, run, "--lr", "2e-3"))  # other flags: refused, nothing appended
+    assert {name: (run / name).read_bytes() for name in before} == before
+
+    train_cirr.main(train_args(data, run, epochs=1))  # the same flags: the run starts again
+    assert read_json(run / "args.json")["run_id"] == run_id
+    steps = [record["step"] for record in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+             if "train/loss" in record]
+    assert steps == list(range(1, STEPS_PER_EPOCH + 1))  # the first attempt's records are gone
+    log = (run / "log.txt").read_text()
+    assert "stopped: interrupted" in log and f"restarting run {run_id}" in log  # the log keeps both attempts
+
+
+@pytest.mark.slow  # three trainings, validation and a submission
+def test_overwrite_removes_every_output_of_the_old_run(data, tmp_path):
+    run = train_cirr.main(train_args(data, tmp_path / "run"))
+    best = run / "checkpoints" / "best.pt"
+    validate.main(["--checkpoint", str(best), "--visualize", "2"])
+    cirr_test_submission.main(["--checkpoint", str(best), "--submission_name", "old"])
+    (run / "checkpoints" / ".last.pt.0123456789ab.tmp").write_bytes(b"\0" * 4096)  # a write killed midway
+    (run / "notes.txt").write_text("the user's own file")
+    clean = train_cirr.main(train_args(data, tmp_path / "clean", "--lr", "2e-3", epochs=1))
+    old_only = files_of(run) - files_of(clean)  # validation outputs, feature cache, submission, more checkpoints, ...
+    assert {"feature_cache", "submission", "checkpoints", "notes.txt"} <= {name.split("/")[0] for name in old_only}
+
+    train_cirr.main(train_args(data, run, "--lr", "2e-3", "--overwrite", epochs=1))
+    assert files_of(run) == files_of(clean) | {"notes.txt"}
+    log = (run / "log.txt").read_text()
+    assert log.count("training ViT-Tiny-P8-32") == 1 and "--overwrite: deleted run" in log
+
+
+def files_of(folder: Path) -> set[str]:
+    return {path.relative_to(folder).as_posix() for path in folder.rglob("*") if path.is_file()}
+
+
+def test_resume_into_another_runs_folder_is_refused(data, reference_run, tmp_path):
+    other = train_cirr.main(train_args(data, tmp_path / "other", epochs=1))
+    before = {name: (other / name).read_bytes() for name in files_of(other)}
+    last = reference_run / "checkpoints" / "last.pt"
+    with pytest.raises(FileExistsError, match=rf"{other} holds run .*not the run of {last}.*empty --output_dir"):
+        train_cirr.main(train_args(data, other, "--resume", str(last), epochs=EPOCHS + 1))
+    assert {name: (other / name).read_bytes() for name in files_of(other)} == before
+
+    # into an empty folder the run continues there, under its own id
+    moved = train_cirr.main(train_args(data, tmp_path / "moved", "--resume", str(last), epochs=EPOCHS + 1))
+    run_id = read_json(reference_run / "args.json")["run_id"]
+    assert read_json(moved / "args.json")["run_id"] == load_checkpoint(moved / "checkpoints" / "last.pt")["run_id"] == run_id
+    # --overwrite of the folder that holds the checkpoint to resume from would delete it
+    copy = Path(shutil.copytree(reference_run, tmp_path / "copy"))
+    with pytest.raises(FileExistsError, match="--overwrite would delete"):
+        train_cirr.main(train_args(data, copy, "--resume", str(copy / "checkpoints" / "last.pt"), "--overwrite"))
+
+
+def test_orphaned_temporary_files_are_removed_on_start_and_resume(data, reference_run, tmp_path):
+    run = Path(shutil.copytree(reference_run, tmp_path / "run"))
+    orphans = [run / "checkpoints" / ".last.pt.0123456789ab.tmp", run / ".metrics.jsonl.abcdef012345.tmp"]
+    for orphan in orphans:
+        orphan.write_bytes(b"\0" * (1 << 20))
+    unrelated = run / "checkpoints" / ".notes.tmp"
+    unrelated.write_text("not a temporary file of this project")
+    train_cirr.main(train_args(data, run, "--resume", str(run / "checkpoints" / "last.pt")))  # nothing left to train
+    assert not any(orphan.exists() for orphan in orphans) and unrelated.exists()
+    assert "removed 2 temporary file(s) of interrupted writes (2.0 MiB)" in (run / "log.txt").read_text()
+
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    orphan = fresh / ".args.json.0123456789ab.tmp"
+    orphan.write_text("{")
+    train_cirr.main(train_args(data, fresh, epochs=1))
+    assert not orphan.exists()
+
+
+# ---------------------------------------------------------------------------------------------- bad samples limit
+def test_bad_samples_stop_past_the_limit_and_a_run_without_a_step_never_finishes(data_copy, tmp_path):
+    split_map = read_json(data_copy / "cirr" / "image_splits" / "split.rc2.train.json")
+    for relative in split_map.values():
+        (data_copy / relative).write_bytes(b"not an image")  # every training image unreadable
+    run = tmp_path / "run"
+    with pytest.raises(DataError, match="more than --max_bad_sample_fraction 0.01 allows"):
+        train_cirr.main(train_args(data_copy, run, "--skip_bad_samples"))
+    assert read_json(run / "bad_samples.json")["count"] >= 1
+    assert not (run / "summary.json").exists() and not (run / "checkpoints" / "best.pt").exists()
+
+    unlimited = tmp_path / "unlimited"
+    with pytest.raises(RuntimeError, match="no optimiser step in 6 batches"):
+        train_cirr.main(train_args(data_copy, unlimited, "--skip_bad_samples", "--max_bad_sample_fraction", "1", epochs=1))
+    assert not (unlimited / "summary.json").exists() and not (unlimited / "checkpoints" / "best.pt").exists()
+    assert "no optimiser step" in (unlimited / "log.txt").read_text()
+
+
+# ---------------------------------------------------------------------------------------------- gallery cache
+def test_validation_cache_follows_the_content_of_the_gallery_images(data_copy, reference_run, tmp_path):
+    """Every val image replaced (by another one's bytes, modification time kept): the gallery is encoded again and the
+    metrics are those of --no_cache."""
+    run = Path(shutil.copytree(reference_run, tmp_path / "run"))
+    argv = ["--checkpoint", str(run / "checkpoints" / "last.pt"), "--data_root", str(data_copy),
+            "--output", str(tmp_path / "v.json")]
+    validate.main(argv)
+    assert len(list((run / "feature_cache").glob("gallery_*.pt"))) == 1
+    images = val_image_paths(data_copy)
+    contents, stats = [p.read_bytes() for p in images], [p.stat() for p in images]
+    for path, content, stat in zip(images, contents[1:] + contents[:1], stats):
+        path.write_bytes(content)
+        os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    after = validate.main(argv)
+    assert len(list((run / "feature_cache").glob("gallery_*.pt"))) == 2  # encoded again, under a new key
+    assert after == validate.main(argv + ["--no_cache"])
+
+
+# ---------------------------------------------------------------------------------------------- fatal errors in the log
+def test_an_unexpected_error_goes_to_the_run_log_with_its_traceback(data, tmp_path, monkeypatch):
+    stop_at_step(monkeypatch, 2, TypeError("a bug"))
+    with pytest.raises(TypeError, match="a bug"):
+        train_cirr.main(train_args(data, tmp_path / "run"))
+    log = (tmp_path / "run" / "log.txt").read_text()
+    assert "stopped by an unexpected error: TypeError: a bug" in log and "Traceback (most recent call last)" in log
+
+
+# ---------------------------------------------------------------------------------------------- user errors at the shell
+def run_script(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *args], cwd=REPO, env={**subprocess_env(), **(env or {})},
+                          capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.slow  # four script subprocesses
+def test_scripts_end_a_user_error_with_one_line_and_show_the_traceback_with_debug(data, tmp_path):
+    missing = tmp_path / "missing.pt"
+    train = run_script("train_cirr.py", *train_args(data, tmp_path / "run", "--resume", str(missing)))
+    assert train.returncode == 1 and train.stderr == f"train_cirr.py: error: checkpoint {missing}: no such file\n"
+    validation = run_script("validate.py", "--checkpoint", str(missing))
+    assert validation.returncode == 1 and validation.stderr == f"validate.py: error: checkpoint {missing}: no such file\n"
+    for debug in (run_script("train_cirr.py", *train_args(data, tmp_path / "run", "--resume", str(missing)), "--debug"),
+                  run_script("validate.py", "--checkpoint", str(missing), env={"CIR_DEBUG": "1"})):
+        assert debug.returncode == 1 and "Traceback (most recent call last)" in debug.stderr
+        assert debug.stderr.rstrip().endswith(f"checkpoint {missing}: no such file")
+
+
+@pytest.mark.slow  # a training subprocess
+def test_a_training_error_with_dataloader_workers_ends_the_process(data_copy, tmp_path):
+    """Training workers ignore SIGTERM; after an error they must still be shut down, or the interpreter waits for
+    them at exit for ever (as it did before)."""
+    file_name, _ = corrupt_train_image(data_copy, keep=0.5)
+    result = run_script("train_cirr.py", *train_args(data_copy, tmp_path / "run", "--num_workers", "2", epochs=1))
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.startswith("train_cirr.py: error: ") and file_name in result.stderr
+
+
+def user_error_commands(data: Path, tmp_path: Path) -> dict[str, tuple[list[str], str]]:
+    """Per script: a command line with a user error, and the start of its one-line message."""
+    missing = tmp_path / "missing.pt"
+    a_file = tmp_path / "a_file"
+    a_file.write_text("")
+    return {
+        "train_cirr.py": (train_args(data, tmp_path / "r", "--resume", str(missing)), f"checkpoint {missing}: no such file"),
+        "train_fiq.py": (["--data_root", str(tmp_path), "--resume", str(missing), "--output_dir", str(tmp_path / "f")],
+                         f"checkpoint {missing}: no such file"),
+        "validate.py": (["--checkpoint", str(missing)], f"checkpoint {missing}: no such file"),
+        "cirr_test_submission.py": (["--checkpoint", str(missing), "--submission_name", "s"],
+                                    f"checkpoint {missing}: no such file"),
+        "retrieve.py": (["--checkpoint", str(missing), "--reference", str(tmp_path / "ref.png"), "--text", "t",
+                         "--gallery_dir", str(tmp_path)], f"{tmp_path / 'ref.png'}: image file not found"),
+        "zero_shot_cvsi.py": (["--dataset", "circo", "--data_root", str(tmp_path / "nothing"), "--output_dir",
+                               str(tmp_path / "z")], f"--data_root {tmp_path / 'nothing'}: no circo dataset there"),
+        "train_phi.py": (["--captions", str(tmp_path / "captions.txt"), "--output_dir", str(tmp_path / "phi")],
+                         "train_phi.py: error: "),
+        "convert_official_checkpoint.py": ([str(missing), "--output", str(tmp_path / "c.pt"), "--dataset", "cirr"],
+                                           f"error: official checkpoint {missing}: no such file"),
+        "demo.py": (["--output_dir", str(a_file / "demo")], "Not a directory"),
+        "plot_curves.py": ([str(tmp_path / "no_run")], f"{tmp_path / 'no_run' / 'metrics.jsonl'}: metrics log not found"),
+        "synthetic": (["cirr", "--output", str(a_file / "data")], "Not a directory"),
+    }
+
+
+@pytest.mark.parametrize("script", ["train_cirr.py", "train_fiq.py", "validate.py", "cirr_test_submission.py",
+                                    "retrieve.py", "zero_shot_cvsi.py", "train_phi.py", "convert_official_checkpoint.py",
+                                    "demo.py", "plot_curves.py", "synthetic"])
+def test_every_script_ends_a_user_error_with_one_line(script, data, tmp_path, monkeypatch, capsys):
+    """Each entry point as ``python <script>`` runs it (in this process): exit status 1, one line on stderr."""
+    argv, expected = user_error_commands(data, tmp_path)[script]
+    monkeypatch.setattr(sys, "argv", [str(REPO / script), *argv])
+    with pytest.raises(SystemExit) as exit_info:
+        if script == "synthetic":
+            runpy.run_module("synthetic", run_name="__main__", alter_sys=True)
+        else:
+            runpy.run_path(str(REPO / script), run_name="__main__")
+    code, err = exit_info.value.code, capsys.readouterr().err
+    if isinstance(code, str):  # sys.exit("message"): Python prints it and exits with status 1
+        code, err = 1, code + "\n"
+    lines = err.strip().splitlines()
+    assert code == 1 and len(lines) == 1 and "Traceback" not in err, err
+    assert expected in lines[0] and (lines[0].startswith(("error: ", "train_phi.py: error: ", "python -m synthetic: error: "))
+                                      or lines[0].startswith(f"{script}: error: ")), lines[0]
+
+
+SCRIPTS = ("train_cirr.py", "train_fiq.py", "validate.py", "cirr_test_submission.py", "retrieve.py", "zero_shot_cvsi.py",
+           "train_phi.py", "convert_official_checkpoint.py", "demo.py", "benchmark.py", "plot_curves.py",
+           "synthetic/__main__.py")
+
+
+def test_every_script_exits_through_run_cli():
+    """The entry point of every script is ``utils.run_cli(main)`` (benchmark.py included, which has no user error
+    to provoke above)."""
+    for script in SCRIPTS:
+        tree = ast.parse((REPO / script).read_text())
+        guard = [node for node in tree.body if isinstance(node, ast.If) and "__main__" in ast.unparse(node.test)]
+        entry = guard[0].body if guard else [node for node in tree.body if isinstance(node, ast.Expr)]
+        assert any("run_cli(main" in ast.unparse(node) for node in entry), script
+
+
+def test_a_programming_error_keeps_its_traceback_and_debug_shows_a_user_errors(tmp_path, monkeypatch):
+    def bug(*args: Any, **kwargs: Any) -> None:
+        raise KeyError("a bug")
+
+    monkeypatch.setattr(sys, "argv", ["validate.py", "--checkpoint", str(tmp_path / "missing.pt")])
+    with pytest.raises(CheckpointError):  # --debug: the user error propagates with its traceback
+        utils.run_cli(validate.main, [*sys.argv[1:], "--debug"])
+    monkeypatch.setattr(inference, "validate_checkpoint", bug)
+    with pytest.raises(KeyError, match="a bug"):
+        runpy.run_path(str(REPO / "validate.py"), run_name="__main__")

@@ -3,10 +3,12 @@
 :func:`run` chains them; ``train_cirr.py`` / ``train_fiq.py`` call :func:`main_for`.
 
 Fault tolerance (docs/fault_tolerance.md): ``checkpoints/last.pt`` is written atomically at every epoch
-end and every ``--checkpoint_every`` steps; ``--resume`` continues from any of them exactly.  SIGTERM /
-SIGINT write ``last.pt`` at the next step boundary and return early (no summary.json).  Checkpoints are
-never written during a streak of non-finite steps, so after a
-:class:`training.resilience.NonFiniteLossError` ``last.pt`` holds the last good state.
+end (before the epoch's validation) and every ``--checkpoint_every`` steps; ``--resume`` continues from
+any of them exactly.  SIGTERM / SIGINT write ``last.pt`` at the next step boundary and return early (no
+summary.json).  Checkpoints are never written during a streak of non-finite steps, so after a
+:class:`training.resilience.NonFiniteLossError` ``last.pt`` holds the last good state.  Every split is
+checked before the first step; the output folder is claimed before anything is written to it
+(:mod:`training.run_dir`); once the run log is open, the error that ends a run is recorded in it.
 """
 from __future__ import annotations
 
@@ -23,7 +25,7 @@ from torch.utils.data import DataLoader, Dataset
 
 import utils
 from checkpoint import CheckpointSaver
-from data_utils import DataError, SkipBadSamples, build_transform, make_loader
+from data_utils import DataError, DataReport, SkipBadSamples, build_transform, check_image_headers, make_loader
 from dataset_registry import DatasetSpec, RetrievalTask, get_dataset, resolve_dataset_root
 from distributed import DistributedEnv, any_rank, barrier, cleanup_distributed, init_distributed, wrap_model
 from inference import run_directory
@@ -33,7 +35,9 @@ from model.loss import create_loss
 from precision import effective_precision, grad_scaler
 from training.model_setup import check_official_dims, compile_for_training, initial_model
 from training.params import check_train_args, parse_train_args
-from training.resilience import BadSampleLog, PreemptionHandler, enable_determinism
+from training.resilience import (
+    BadSampleLog, NoOptimizerStepError, PreemptionHandler, enable_determinism, log_fatal, release_frames,
+)
 from training.resume import resume
 from training.run_dir import claim_output_dir, count_lines, output_directory, truncate_metrics_log
 from training.sampler import ResumableSampler, loader_seed, train_worker_init
@@ -55,6 +59,8 @@ class RunContext:
     eval_precision: str
     output_dir: Path
     logger: logging.Logger
+    run_id: str | None  # the run's id (training.run_dir); None on ranks other than 0
+    resume_checkpoint: dict[str, Any] | None = None  # the --resume checkpoint, read once; dropped once loaded
 
     @property
     def device(self) -> torch.device:
@@ -93,26 +99,36 @@ class Optimization:
     state: TrainState
 
 
+SKIP_HINT = "(--skip_bad_samples skips unreadable training samples, listing them in bad_samples.json)"
+
+
 # ---------------------------------------------------------------------------------------------- stages
 def prepare(args: argparse.Namespace, dataset: str) -> RunContext:
-    """Processes and device, flag checks, the output folder (claimed, logged to), determinism and seeds."""
+    """Processes and device, flag checks, the checkpoint to resume from, the output folder (claimed, then
+    logged to), determinism and seeds."""
     spec = get_dataset(dataset)
     env = init_distributed(args.device)
     precision = effective_precision(args.precision, env.device)
     eval_precision = effective_precision(args.eval_precision, env.device)
     check_train_args(args, env.is_distributed)
     output_dir = output_directory(args, spec.name)
-    (output_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+    # Read (and its checksum verified) before the folder is claimed: whose run it continues decides whether
+    # the folder may be used.
+    resume_checkpoint = CheckpointSaver.load_resumable(args.resume, map_location="cpu") if args.resume else None
     # Rank 0 owns every output (log file, metrics, checkpoints, validation); other ranks only train.
-    logger = utils.setup_logging(output_dir if env.is_master else None)
+    run_id, notes = None, []
     if env.is_master:
-        claim_output_dir(output_dir, args)
+        run_id, notes = claim_output_dir(output_dir, args, resume_checkpoint.get("run_id") if resume_checkpoint else None)
+    (output_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+    logger = utils.setup_logging(output_dir if env.is_master else None)
+    for note in notes:
+        logger.warning(note)
     if env.device.type == "cpu" and utils.tune_cpu_allocator():
         logger.info("glibc allocator tuned for CPU training (utils.tune_cpu_allocator)")
     if args.deterministic:
         enable_determinism(env.device)
     utils.set_seed(args.seed)
-    return RunContext(args, spec, env, precision, eval_precision, output_dir, logger)
+    return RunContext(args, spec, env, precision, eval_precision, output_dir, logger, run_id, resume_checkpoint)
 
 
 def build_model(run: RunContext) -> SSNModel:
@@ -130,22 +146,49 @@ def build_model(run: RunContext) -> SSNModel:
     return model
 
 
-def load_data(run: RunContext, model: SSNModel) -> TrainData:
-    """Training triplets and validation tasks (of the categories trained on), preprocessed for ``model``'s
-    image size.
+def read_splits(run: RunContext, root: Path, transform: Callable[[Any], torch.Tensor]) -> tuple[Dataset, list[RetrievalTask]]:
+    """The training triplets and the validation tasks (of the categories trained on), every split checked
+    before training: each dataset's own checks (files exist, annotations well-formed and consistent), at
+    least one batch of triplets, queries and a gallery in every validation task, and every image file's
+    header (training images only without ``--skip_bad_samples``, which skips them when read).
 
-    Datasets check every file they reference up front: a broken dataset fails here, not in epoch 37.
+    Raises:
+        DataError: every problem of every split, in one report (a broken dataset fails here, not in epoch 37).
     """
     args, spec = run.args, run.spec
-    root = resolve_dataset_root(args.data_root, spec.name)
-    transform = build_transform(args.transform, model.backbone.image_size, args.target_ratio)
     categories = getattr(args, "dress_types", None)  # the flag exists for datasets with categories
-    train_set = spec.train_dataset(root, transform, categories)
-    val_tasks = spec.tasks(root, spec.val_split, categories)
+    report = DataReport(f"{spec.title} under {root}")
+    unreadable_train_images: list[str] = []
+    train_set = report.read("train", lambda: spec.train_dataset(root, transform, categories))
+    val_tasks = report.read(spec.val_split, lambda: spec.tasks(root, spec.val_split, categories)) or []
+    if train_set is not None:
+        global_batch = args.batch_size * run.env.world_size
+        if len(train_set) < global_batch:
+            report.add("train", [f"{len(train_set)} training triplets is less than one batch of {global_batch}"])
+        if not args.skip_bad_samples and hasattr(train_set, "image_files"):
+            unreadable_train_images = check_image_headers(train_set.image_files())
+            report.add("train", unreadable_train_images)
+    for task in val_tasks:
+        where = f"{task.name} {task.split}"
+        if not task.queries:
+            report.add(task.split, [f"{where}: no queries (its annotation file lists none)"])
+        if not task.gallery:
+            report.add(task.split, [f"{where}: empty gallery (its image list names no image)"])
+        files = {task.image_path(name) for name in task.gallery} | {task.image_path(q.reference) for q in task.queries}
+        report.add(task.split, check_image_headers(sorted(files)))
+    report.raise_if_any(SKIP_HINT if unreadable_train_images else "")
+    return train_set, val_tasks
+
+
+def load_data(run: RunContext, model: SSNModel) -> TrainData:
+    """Training triplets and validation tasks (:func:`read_splits`, every split checked up front),
+    preprocessed for ``model``'s image size."""
+    args = run.args
+    root = resolve_dataset_root(args.data_root, run.spec.name)
+    transform = build_transform(args.transform, model.backbone.image_size, args.target_ratio)
+    train_set, val_tasks = read_splits(run, root, transform)
     sampler = ResumableSampler(len(train_set), args.batch_size, args.seed, num_replicas=run.env.world_size,
                                rank=run.env.rank)
-    if sampler.steps_per_epoch == 0:
-        raise ValueError(f"{len(train_set)} training triplets is less than one batch of {args.batch_size}")
     loader_generator = torch.Generator()
     train_data = SkipBadSamples(train_set) if args.skip_bad_samples else train_set
     loader = make_loader(train_data, args.batch_size, args.num_workers, run.device, drop_last=True,
@@ -164,7 +207,9 @@ def start_or_resume(run: RunContext, model: SSNModel, data: TrainData) -> Optimi
     scaler = grad_scaler(run.precision, run.device)
     state = TrainState()
     if args.resume:
-        state, metrics_log_lines = resume(args.resume, model, optimizer, scheduler, scaler, data.sampler, args)
+        checkpoint, run.resume_checkpoint = run.resume_checkpoint, None  # freed once loaded
+        state, metrics_log_lines = resume(checkpoint, args.resume, model, optimizer, scheduler, scaler, data.sampler, args)
+        del checkpoint
         if metrics_log_lines is not None and run_directory(args.resume).resolve() == run.output_dir.resolve():
             dropped = truncate_metrics_log(run.metrics_path, metrics_log_lines)
             if dropped:
@@ -187,16 +232,17 @@ def open_tracker(run: RunContext) -> Tracker:
 
 
 def open_metrics_log(run: RunContext, state: TrainState, tracker: Tracker) -> utils.MetricsLogger | None:
-    """Rank 0: the run's flags in ``args.json`` and the metrics logger, passing every record on to ``tracker``;
-    other ranks: None.
+    """Rank 0: the metrics logger, passing every record on to ``tracker``; other ranks: None.
 
-    A resumed run keeps the original ``args.json`` and records its own command line beside it.
+    ``args.json`` was written when the folder was claimed; a resumed run keeps it and records its own
+    command line beside it.
     """
     if not run.env.is_master:
         return None
     args = run.args
-    args_file = f"args_resume_step{state.global_step}.json" if args.resume else "args.json"
-    utils.atomic_write_json(run.output_dir / args_file, utils.public_args(vars(args)))
+    if args.resume:
+        utils.atomic_write_json(run.output_dir / f"args_resume_step{state.global_step}.json",
+                                {"run_id": run.run_id, **utils.public_args(vars(args))})
     return utils.MetricsLogger(run.output_dir, tracker=tracker)
 
 
@@ -214,7 +260,8 @@ class Trainer:
             checkpoint_every=args.checkpoint_every, enabled=env.is_master, veto=self.nonfinite_streak,
         )
         bad_samples_file = "bad_samples.json" if env.is_master else f"bad_samples_rank{env.rank}.json"
-        self.bad_samples = (BadSampleLog(run.output_dir / bad_samples_file, opt.state.bad_samples)
+        self.bad_samples = (BadSampleLog(run.output_dir / bad_samples_file, opt.state.bad_samples, len(data.train_set),
+                                         run.args.max_bad_sample_fraction)
                             if run.args.skip_bad_samples else None)
         self.train_model: nn.Module = wrap_model(opt.model, env)  # DDP broadcasts rank 0's weights to every rank here
         self.tracker = open_tracker(run)  # closed by run(), after the report
@@ -226,19 +273,26 @@ class Trainer:
             env.world_size, run.args.batch_size, run.device, run.precision, run.eval_precision, run.output_dir)
 
     def fit(self) -> None:
-        """Train the remaining epochs; returns early (``last.pt`` written) when a signal asks to stop."""
+        """Train the remaining epochs; returns early (``last.pt`` written) when a signal asks to stop.
+
+        A validation that a stop interrupted (``state.validation_pending`` in the checkpoint) runs first.
+        """
         run, state = self.run, self.opt.state
         with self.preemption:
             try:
+                if state.validation_pending:
+                    run.logger.info("running the validation of epoch %d, which the previous run did not finish", state.epoch)
+                    self.validate_and_checkpoint()
                 while state.epoch < run.args.num_epochs and not self.preemption.requested:
                     start = time.time()
-                    if not self.train_epoch():
-                        break
+                    try:
+                        if not self.train_epoch():
+                            break
+                    except DataError as error:
+                        if self.bad_samples is not None:
+                            raise
+                        raise DataError(f"{error}\n{SKIP_HINT}", error.problems) from error
                     self.end_epoch(start)
-            except DataError as error:
-                run.logger.error("%s\n(--skip_bad_samples skips unreadable training samples, listing them in "
-                                 "bad_samples.json)", error)
-                raise
             finally:
                 self.close()
 
@@ -267,7 +321,8 @@ class Trainer:
         return False
 
     def end_epoch(self, start: float) -> None:
-        """Close a completed epoch: schedule step, logs, validation when due, ``last.pt``."""
+        """Close a completed epoch: schedule step, logs, ``last.pt``, then validation when due (and ``last.pt``
+        again, with its result), so that a failing validation never costs the epoch's training."""
         run, opt, state = self.run, self.opt, self.opt.state
         opt.scheduler.step()
         epoch_loss = state.end_epoch()
@@ -276,13 +331,29 @@ class Trainer:
                                      "lr": opt.scheduler.get_last_lr()[0]}, step=state.global_step, epoch=state.epoch,
                                     prefix="train/")
         run.logger.info("epoch %d/%d: loss %.4f (%.1f s)", state.epoch, run.args.num_epochs, epoch_loss, time.time() - start)
-        if validation_due(state.epoch - 1, run.args.validation_frequency, run.args.num_epochs) and run.env.is_master:
-            self.validate()
+        state.validation_pending = validation_due(state.epoch - 1, run.args.validation_frequency, run.args.num_epochs)
         self.checkpoints.save_last()
+        if state.validation_pending:
+            self.validate_and_checkpoint()
         barrier(run.env)  # the other ranks wait for rank 0's validation and checkpoints
 
+    def validate_and_checkpoint(self) -> None:
+        """The pending validation (rank 0), then ``last.pt`` with its result."""
+        if self.run.env.is_master:
+            try:
+                self.validate()
+            except DataError as error:
+                raise DataError(f"{error}\n(validation after epoch {self.opt.state.epoch} failed; "
+                                f"{self.checkpoints.last_path} holds the epoch's training: fix the data, then --resume "
+                                f"{self.checkpoints.last_path} runs this validation and continues)", error.problems) from error
+        self.opt.state.validation_pending = False
+        self.checkpoints.save_last()
+
     def validate(self) -> None:
-        """Rank 0: validation metrics logged and recorded; best (or per-validation) checkpoints written."""
+        """Rank 0: validation metrics logged and recorded; best (or per-validation) checkpoints written.
+
+        Before the run's first optimiser step no best checkpoint is recorded: such a model trained nothing.
+        """
         run, args, state = self.run, self.run.args, self.opt.state
         grids = (grid_for_tracker(self.opt.model, run.spec, self.data.transform, run.output_dir, self.tracker,
                                   state.global_step) if self.tracker else None)  # pictures only for a tracker
@@ -290,6 +361,9 @@ class Trainer:
                                  run.eval_precision, args.eval_batch_size, args.num_workers, on_features=grids)
         self.metrics_logger.log(metrics, step=state.global_step, epoch=state.epoch, prefix="val/")
         run.logger.info("validation after epoch %d:\n%s", state.epoch, metrics_table(metrics))
+        if state.optimizer_steps == 0:
+            run.logger.warning("no optimiser step so far: validation after epoch %d is not recorded as a best", state.epoch)
+            return
         improved = state.record_validation(metrics, run.spec)
         self.checkpoints.save_validation(state.epoch, improved)
 
@@ -297,7 +371,7 @@ class Trainer:
         """The checkpoint of the run as it stands (:func:`training.state.checkpoint_state`)."""
         run, opt = self.run, self.opt
         return checkpoint_state(opt.model, opt.optimizer, opt.scheduler, opt.scaler, opt.state, run.args, run.spec.name,
-                                self.data.sampler, count_lines(run.metrics_path))
+                                self.data.sampler, count_lines(run.metrics_path), run.run_id)
 
     def nonfinite_streak(self) -> str | None:
         """Why no checkpoint may be written now (a good one is never replaced by a non-finite state), or None."""
@@ -355,20 +429,36 @@ def report(run: RunContext, state: TrainState, tracker: Tracker) -> None:
 # ---------------------------------------------------------------------------------------------- entry points
 def run(args: argparse.Namespace, dataset: str) -> Path:
     """Train SSN on ``dataset`` (a registry name with training triplets: 'cirr', 'fashioniq') with periodic
-    validation and checkpoints; returns the output folder."""
+    validation and checkpoints; returns the output folder.
+
+    The error that ends the run is recorded in its ``log.txt`` too (once the folder is claimed and the
+    log open); a run that took no optimiser step ends in :class:`training.resilience.NoOptimizerStepError`
+    instead of a summary.
+    """
     context = prepare(args, dataset)
-    model = build_model(context)
-    data = load_data(context, model)
-    trainer = Trainer(context, data, start_or_resume(context, model, data))
+    trainer = None
     try:
+        model = build_model(context)
+        data = load_data(context, model)
+        trainer = Trainer(context, data, start_or_resume(context, model, data))
         trainer.fit()
         cleanup_distributed()
-        if trainer.opt.state.epoch < args.num_epochs:
+        state = trainer.opt.state
+        if state.epoch < args.num_epochs:
             report_stop(context, trainer)
+        elif state.optimizer_steps == 0:
+            raise NoOptimizerStepError(
+                f"no optimiser step in {state.global_step} batches (every batch was skipped: unreadable samples or "
+                f"non-finite losses, see {context.output_dir / 'log.txt'}): the run trained nothing; no summary.json")
         elif context.env.is_master:
-            report(context, trainer.opt.state, trainer.tracker)
+            report(context, state, trainer.tracker)
+    except BaseException as error:
+        log_fatal(context.logger, error)
+        release_frames(error)
+        raise
     finally:
-        trainer.tracker.close()  # after the report, which logs the curves (comet's offline archive is written now)
+        if trainer is not None:
+            trainer.tracker.close()  # after the report, which logs the curves (comet's offline archive is written now)
     return context.output_dir
 
 

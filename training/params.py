@@ -11,8 +11,14 @@ from typing import Sequence
 
 from dataset_registry import get_dataset
 from precision import EVAL_PRECISION_HELP, PRECISIONS
+from utils import UsageError
 
 # This module imports no torch (nor the loss registry, which does): `train_cirr.py --help` answers at once.
+
+# Default of --max_bad_sample_fraction: a few broken files among thousands stay far below 1 % of the triplets,
+# a broken copy of a dataset (wrong files, a half-extracted archive) far above; and a run that skipped more than
+# 1 % of its triplets no longer trained on the benchmark's training set.
+MAX_BAD_SAMPLE_FRACTION = 0.01
 
 
 def build_train_parser(dataset: str) -> argparse.ArgumentParser:
@@ -39,6 +45,9 @@ def build_train_parser(dataset: str) -> argparse.ArgumentParser:
     data.add_argument("--skip_bad_samples", action="store_true",
                       help="skip training samples whose image cannot be read (each is logged and listed in "
                            "<output_dir>/bad_samples.json) instead of stopping with an error naming the file")
+    data.add_argument("--max_bad_sample_fraction", type=float, default=MAX_BAD_SAMPLE_FRACTION, metavar="F",
+                      help="with --skip_bad_samples: stop with an error once more than this fraction of the training "
+                           "samples were unreadable (a broken dataset, not a few bad files)")
     if spec.categories:
         data.add_argument("--dress_types", nargs="+", default=list(spec.categories), choices=spec.categories,
                           help="categories to train and validate on")
@@ -76,7 +85,8 @@ def build_train_parser(dataset: str) -> argparse.ArgumentParser:
                           "what does not apply to the device runs fp32 (precision.py)")
     run.add_argument("--eval_precision", choices=PRECISIONS, default="fp32", help=EVAL_PRECISION_HELP)
     run.add_argument("--overwrite", action="store_true",
-                     help="start afresh in an --output_dir that holds a previous run (its checkpoints and logs are deleted)")
+                     help="start afresh in an --output_dir that holds another run: every output of that run (checkpoints, "
+                          "logs, metrics, validation, feature cache, report, submission) is deleted first")
     run.add_argument("--resume", default=None,
                      help="checkpoint to resume from (e.g. <output_dir>/checkpoints/last.pt), also mid-epoch; "
                           "the output directory defaults to the checkpoint's run")
@@ -128,20 +138,22 @@ def parse_train_args(dataset: str, argv: Sequence[str] | None) -> argparse.Names
     except ValueError:
         named = None
     if named != get_dataset(dataset).name:
-        raise ValueError(f"--dataset {args.dataset} does not match this script, which trains on {dataset}")
+        raise UsageError(f"--dataset {args.dataset} does not match this script, which trains on {dataset}")
     from model.loss import LOSSES  # after parsing: --help needs no torch
 
     if args.loss not in LOSSES:
-        raise ValueError(f"--loss {args.loss}: unknown; registered losses: {sorted(LOSSES)}")
+        raise UsageError(f"--loss {args.loss}: unknown; registered losses: {sorted(LOSSES)}")
     return args
 
 
 def check_train_args(args: argparse.Namespace, distributed: bool) -> None:
     """Flag values no run can start with (before any output is written)."""
     if args.checkpoint_every < 0:
-        raise ValueError(f"--checkpoint_every must be >= 0, got {args.checkpoint_every}")
+        raise UsageError(f"--checkpoint_every must be >= 0, got {args.checkpoint_every}")
     if args.validation_frequency < 1:
-        raise ValueError(f"--validation_frequency must be >= 1, got {args.validation_frequency}")
+        raise UsageError(f"--validation_frequency must be >= 1, got {args.validation_frequency}")
+    if not 0.0 <= args.max_bad_sample_fraction <= 1.0:
+        raise UsageError(f"--max_bad_sample_fraction must be in [0, 1], got {args.max_bad_sample_fraction}")
     if args.skip_bad_samples and distributed:
         # A skipped sample shrinks one rank's batch, and the gathered loss needs equal batches on every rank.
-        raise ValueError("--skip_bad_samples is single-process only; fix or remove the bad files for torchrun")
+        raise UsageError("--skip_bad_samples is single-process only; fix or remove the bad files for torchrun")

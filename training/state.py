@@ -23,6 +23,7 @@ class TrainState:
 
     epoch: int = 0  # epochs completed
     global_step: int = 0  # batches consumed over the run (skipped steps included)
+    optimizer_steps: int = 0  # steps that updated the weights (skipped and non-finite ones excluded)
     step_in_epoch: int = 0  # batches of the current epoch consumed
     epoch_loss_sum: float = 0.0  # sum over the current epoch's trained triplets of their loss
     epoch_samples: int = 0  # triplets trained on in the current epoch
@@ -32,6 +33,8 @@ class TrainState:
     nonfinite_steps: int = 0  # consecutive steps with a non-finite loss or gradient
     amp_overflow_steps: int = 0  # fp16 AMP steps the GradScaler skipped for an overflow (over the run)
     bad_samples: list[dict[str, Any]] = field(default_factory=list)  # samples skipped (--skip_bad_samples)
+    # The last completed epoch is due a validation that has not finished (last.pt is written before validating).
+    validation_pending: bool = False
 
     @classmethod
     def from_checkpoint(cls, checkpoint: dict[str, Any]) -> "TrainState":
@@ -39,12 +42,15 @@ class TrainState:
         return cls(
             epoch=checkpoint["epoch"],
             global_step=checkpoint["global_step"],
+            # Checkpoints from before the count: every consumed batch counts (they never recorded a run without steps).
+            optimizer_steps=checkpoint.get("optimizer_steps", checkpoint["global_step"]),
             step_in_epoch=checkpoint.get("step_in_epoch", 0),
             epoch_loss_sum=checkpoint.get("epoch_loss_sum", 0.0),
             epoch_samples=checkpoint.get("epoch_samples", 0),
             best_by=checkpoint.get("best_by", _legacy_best_by(checkpoint)),
             amp_overflow_steps=checkpoint.get("amp_overflow_steps", 0),
             bad_samples=list(checkpoint.get("bad_samples", [])),
+            validation_pending=checkpoint.get("validation_pending", False),
         )
 
     def record_validation(self, metrics: dict[str, float], spec: DatasetSpec) -> list[str]:
@@ -105,12 +111,12 @@ def restore_rng_state(state: dict[str, Any]) -> None:
 def checkpoint_state(
     model: SSNModel, optimizer: torch.optim.Optimizer, scheduler: Any, scaler: torch.amp.GradScaler,
     state: TrainState, args: argparse.Namespace, dataset: str, sampler: ResumableSampler | None = None,
-    metrics_log_lines: int | None = None,
+    metrics_log_lines: int | None = None, run_id: str | None = None,
 ) -> dict[str, Any]:
     """Everything needed to resume exactly: weights, optimiser, scheduler, scaler, RNGs, data position.
 
     ``best_metric`` / ``best_metrics`` are the best validation by ``--best_metric``; ``best_by`` holds
-    the best of every selection criterion.
+    the best of every selection criterion; ``run_id`` names the run (``training.run_dir``).
     """
     best = state.best_by.get(args.best_metric, {})
     return {
@@ -123,6 +129,8 @@ def checkpoint_state(
         "scaler": scaler.state_dict(),
         "epoch": state.epoch,
         "global_step": state.global_step,
+        "optimizer_steps": state.optimizer_steps,
+        "validation_pending": state.validation_pending,
         "step_in_epoch": state.step_in_epoch,
         "epoch_loss_sum": state.epoch_loss_sum,
         "epoch_samples": state.epoch_samples,
@@ -135,4 +143,5 @@ def checkpoint_state(
         "rng": rng_state(),
         "sampler": sampler.state_dict() if sampler is not None else {},
         "metrics_log_lines": metrics_log_lines,
+        "run_id": run_id,
     }

@@ -85,6 +85,7 @@ def train_step(
                      state.global_step + 1, scaler.get_scale())
     else:
         state.nonfinite_steps = 0
+        state.optimizer_steps += 1
     state.epoch_loss_sum += loss.item() * reference.shape[0]
     state.epoch_samples += reference.shape[0]
     return terms
