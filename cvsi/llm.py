@@ -19,10 +19,9 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
-from tqdm import tqdm
 
 from cvsi.cache import JsonCache, fingerprint
-from utils import UserError
+from utils import UserError, progress
 
 __all__ = [
     "LLMError", "MalformedAnswer", "ChatConfig", "ChatClient", "LLMJob", "LLMFailure", "run_jobs",
@@ -219,7 +218,7 @@ def run_jobs(
     futures = {}
     try:
         futures = {pool.submit(client.complete, job.messages, job.parse): job for job in todo.values()}
-        for future in tqdm(as_completed(futures), total=len(futures), desc=desc, leave=False):
+        for future in progress(as_completed(futures), desc, total=len(futures)):
             job = futures[future]
             try:
                 pending[job.key] = future.result()

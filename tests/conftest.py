@@ -1,9 +1,33 @@
 """Fixtures shared by several test files, and the ``slow`` marker (``-m "not slow"`` leaves those tests out)."""
 from __future__ import annotations
 
+import logging
+
 from pathlib import Path
 
 import pytest
+
+
+def _reset_project_loggers() -> None:
+    logger = logging.getLogger("cir")
+    for handler in list(logger.handlers):
+        handler.close()
+        logger.removeHandler(handler)
+    logger.propagate, logger.level = True, logging.NOTSET
+    # A library that calls logging.config.dictConfig disables every logger that exists at that moment.
+    for name, child in logging.root.manager.loggerDict.items():
+        if name.startswith("cir.") and isinstance(child, logging.Logger):
+            child.disabled = False
+
+
+@pytest.fixture(autouse=True)
+def _plain_project_loggers():
+    """Each test starts with the ``cir`` loggers as a fresh process has them: a script's
+    ``utils.setup_logging`` (its own handlers, no propagation), run by an earlier test or a shared
+    fixture, would otherwise hide this test's records from ``caplog``."""
+    _reset_project_loggers()
+    yield
+    _reset_project_loggers()
 
 
 def pytest_configure(config: pytest.Config) -> None:
