@@ -70,7 +70,8 @@ class CometTracker(Tracker):
         try:
             import comet_ml
         except ImportError as exc:
-            raise ImportError("comet_ml logging was requested but comet_ml is not installed: pip install comet_ml") from exc
+            raise utils.UserError("comet_ml logging was requested but comet_ml is not installed: "
+                                  "pip install comet_ml") from exc
         if offline_dir is not None:
             Path(offline_dir).mkdir(parents=True, exist_ok=True)
             self.experiment = comet_ml.OfflineExperiment(project_name=project_name, workspace=workspace,
@@ -103,7 +104,7 @@ class TensorBoardTracker(Tracker):
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError as exc:
-            raise ImportError("--tensorboard needs the tensorboard package: pip install tensorboard") from exc
+            raise utils.UserError("--tensorboard needs the tensorboard package: pip install tensorboard") from exc
         self.log_dir = Path(log_dir)
         self.writer = SummaryWriter(log_dir=str(self.log_dir))
 
