@@ -34,12 +34,12 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from search_choices import ANN_KINDS
 from utils import atomic_write_bytes
 
-__all__ = ["ANN_KINDS", "ANNConfig", "build_index", "load_or_build_index", "ann_search", "index_file_name"]
+__all__ = ["ANNConfig", "build_index", "load_or_build_index", "ann_search", "index_file_name"]
 
 _logger = logging.getLogger("cir.ann")
-ANN_KINDS = ("hnsw", "ivfpq")
 ADD_BLOCK = 1 << 16  # gallery rows converted to float32 and added at once
 TRAIN_POINTS_PER_CELL = 64  # IVF k-means sample: 64 points per cell (faiss warns below 39)
 _DIGEST = hashlib.sha256().digest_size

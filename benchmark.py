@@ -26,14 +26,14 @@ import platform
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-import torch
-
 import utils
-from ann import ANN_KINDS
+from search_choices import ANN_KINDS
 
 if TYPE_CHECKING:
+    import torch
+
     from benchmarks.retrieval import RetrievalResult
-# The benchmarks (the model, open_clip) are imported in main, after parsing: --help answers at once.
+# torch and the benchmarks (the model, open_clip) are imported in main, after parsing: --help answers at once.
 
 HEAD_RATIO_TARGET = 0.4
 HEAD_OVERHEAD_TARGET = 0.05
@@ -73,7 +73,38 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def check_flags(args: argparse.Namespace) -> None:
+    """Flag values no benchmark can run with, as one-line errors (:class:`utils.UsageError`) before anything
+    is built: every count and size at least 1."""
+    counts = {"--batch_size": args.batch_size, "--steps": args.steps, "--rank_gallery_size": args.rank_gallery_size,
+              "--head_batch_size": args.head_batch_size, "--head_steps": args.head_steps, "--threads": args.threads,
+              "--retrieval_queries": args.retrieval_queries, "--retrieval_dim": args.retrieval_dim,
+              "--retrieval_k": args.retrieval_k, "--retrieval_chunk_size": args.retrieval_chunk_size,
+              "--retrieval_repeats": args.retrieval_repeats}
+    for flag, value in counts.items():
+        if value is not None and value < 1:  # None: the option's automatic choice
+            raise utils.UsageError(f"{flag} must be >= 1, got {value}")
+    for size in args.retrieval_gallery:
+        if size < 1:
+            raise utils.UsageError(f"--retrieval_gallery sizes must be >= 1, got {size}")
+
+
+def _device(name: str) -> torch.device:
+    """``--device`` as a torch device; an unknown name or a missing CUDA device is a user error."""
+    import torch
+
+    try:
+        device = torch.device(name)
+    except RuntimeError as error:
+        raise utils.UsageError(f"--device {name}: {error}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise utils.UsageError(f"--device {name}: no CUDA device available (torch {torch.__version__})")
+    return device
+
+
 def _machine(device: torch.device, allocator_tuned: bool) -> str:
+    import torch
+
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
     malloc = " ".join(f"{key}={os.environ[key]}" for key in MALLOC_SETTINGS if key in os.environ)
     malloc = malloc or ("malloc tuned by mallopt (as training)" if allocator_tuned else "glibc malloc defaults")
@@ -107,14 +138,17 @@ def _print_retrieval(r: RetrievalResult) -> None:
 def main(argv: Sequence[str] | None = None) -> dict[str, object]:
     """Run the selected benchmarks, print a report and return the raw results."""
     args = build_parser().parse_args(argv)
+    check_flags(args)
+    import torch
+
     from benchmarks.common import format_bytes
     from benchmarks.head import VIT_B32_SHAPES, run_head_benchmark
     from benchmarks.retrieval import run_retrieval_benchmark
     from benchmarks.step import run_step_benchmark
 
+    device = _device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
     results: dict[str, object] = {}
     allocator_tuned = device.type == "cpu" and not args.glibc_malloc_defaults and utils.tune_cpu_allocator()
     print(f"machine: {_machine(device, allocator_tuned)}")

@@ -40,13 +40,13 @@ from types import ModuleType
 import torch
 from torch import Tensor
 
+from search_choices import ENGINES
+
 __all__ = [
-    "ENGINES", "ENGINE_HELP", "topk_retrieval", "ranked_names", "cirr_rankings", "name_to_index", "check_lengths", "pair_scores",
+    "topk_retrieval", "ranked_names", "cirr_rankings", "name_to_index", "check_lengths", "pair_scores",
     "resolve_engine", "use_engine", "set_default_engine", "default_engine", "faiss_module",
 ]
 
-ENGINES = ("auto", "faiss", "torch")
-ENGINE_HELP = "exact search engine: faiss, torch, or auto (faiss when installed, else torch); the rankings are identical"
 MIN_MARGIN = 16  # candidates beyond k per query (at least; k // 4 for large k)
 WIDEN = 4  # growth of an uncertified query's candidate list
 FAISS_GALLERY_BLOCK = 1 << 18  # gallery rows per faiss call (bounds the float32 copy of fp16 / bf16 galleries)
@@ -100,7 +100,7 @@ def default_engine() -> str:
 
 
 def set_default_engine(engine: str) -> None:
-    """Set the engine rankings use when they name none (one of :data:`ENGINES`)."""
+    """Set the engine rankings use when they name none (one of :data:`search_choices.ENGINES`)."""
     global _default_engine
     if engine not in ENGINES:
         raise ValueError(f"unknown retrieval engine {engine!r}; choose one of {', '.join(ENGINES)}")

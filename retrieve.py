@@ -18,9 +18,8 @@ from pathlib import Path
 from typing import Sequence
 
 import utils
-from ann import ANN_KINDS
 from precision import EVAL_PRECISION_HELP, PRECISIONS
-from retrieval import ENGINES
+from search_choices import ANN_KINDS, ENGINES
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -52,7 +51,7 @@ def main(argv: Sequence[str] | None = None) -> list[tuple[Path, float]]:
     if args.top_k < 1:
         raise utils.UsageError(f"--top_k must be >= 1, got {args.top_k}")
     logger = utils.setup_logging(None)
-    # Imported after parsing: --help needs no open_clip.
+    # Imported after parsing: --help needs neither torch nor open_clip.
     import torch
 
     import feature_cache

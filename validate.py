@@ -13,7 +13,7 @@ from typing import Sequence
 
 import utils
 from precision import EVAL_PRECISION_HELP, PRECISIONS
-from retrieval import ENGINE_HELP, ENGINES, use_engine
+from search_choices import ENGINE_HELP, ENGINES
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -41,7 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, float]]:
     args = build_parser().parse_args(argv)
     utils.setup_logging(None)
-    from inference import validate_checkpoint  # after parsing: --help needs no open_clip
+    # Imported after parsing: --help needs neither torch nor open_clip.
+    from inference import validate_checkpoint
+    from retrieval import use_engine
 
     with use_engine(args.retrieval_engine):
         return validate_checkpoint(

@@ -14,13 +14,14 @@ from typing import Any, Sequence
 
 import utils
 from cvsi.params import build_parser
-from retrieval import use_engine
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = build_parser().parse_args(argv)
     utils.setup_logging(None)
-    from cvsi.pipeline import results_text, run  # after parsing: --help needs no open_clip / transformers
+    # Imported after parsing: --help needs no torch, open_clip or transformers.
+    from cvsi.pipeline import results_text, run
+    from retrieval import use_engine
 
     with use_engine(args.retrieval_engine):
         result = run(args)

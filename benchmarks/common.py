@@ -9,6 +9,8 @@ from collections.abc import Callable, Mapping
 
 import torch
 
+from utils import UsageError
+
 
 def synchronize(device: torch.device) -> None:
     """Wait for queued kernels so that wall-clock time covers the work (a no-op on CPU)."""
@@ -35,7 +37,7 @@ def interleaved_medians(
     other processes) fall on all candidates alike instead of on whichever ran last.
     """
     if repeats < 1:
-        raise ValueError(f"repeats must be >= 1, got {repeats}")
+        raise UsageError(f"repeats must be >= 1, got {repeats}")
     names = list(candidates)
     for _ in range(warmup):
         for name in names:

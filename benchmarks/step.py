@@ -36,6 +36,7 @@ from model import SSNModel, ssn_loss
 from model.hf_clip import CLIP_EOT_IDS
 from model.official import ssn_model_from_official
 from retrieval import topk_retrieval
+from utils import UsageError
 
 from .common import interleaved_medians, peak_memory_bytes, reset_peak_memory
 from .official_head import official_compose, official_ssn_loss, official_target
@@ -98,7 +99,7 @@ def hf_clip_config(clip_model_name: str) -> CLIPConfig:
     the official code would load for that size."""
     cfg = open_clip.get_model_config(clip_model_name)
     if cfg is None or "width" not in cfg.get("vision_cfg", {}) or "heads" not in cfg.get("text_cfg", {}):
-        raise ValueError(f"{clip_model_name!r} is not an open_clip ViT config with a transformer text tower")
+        raise UsageError(f"--clip_model_name {clip_model_name}: not an open_clip ViT config with a transformer text tower")
     vision, text, embed = cfg["vision_cfg"], cfg["text_cfg"], cfg["embed_dim"]
     return CLIPConfig(
         text_config=dict(hidden_size=text["width"], num_attention_heads=text["heads"], num_hidden_layers=text["layers"],

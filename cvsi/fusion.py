@@ -20,11 +20,12 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
-
-import torch.nn.functional as F
-from torch import Tensor
+from typing import TYPE_CHECKING
 
 from dataset_registry import RetrievalTask
+
+if TYPE_CHECKING:  # torch is imported where used: cvsi/params.py builds the --help of a run from these constants
+    from torch import Tensor
 
 __all__ = [
     "FusionWeights", "DatasetPreset", "PRESETS", "COMPONENTS", "GROUPS", "ABLATIONS", "SCORINGS", "fuse_query",
@@ -138,6 +139,8 @@ def scored_t_c(t_c: Tensor, scoring: str, release_unit_t_c: bool) -> Tensor:
     """``t_c`` [G, D] as it enters Eq. 9: as computed (a mean of unit vectors) under 'paper'; under
     'release', re-normalised to unit length where the released code does (``release_unit_t_c``:
     :attr:`DatasetPreset.release_unit_t_c`)."""
+    import torch.nn.functional as F
+
     _check_scoring(scoring)
     return F.normalize(t_c, dim=-1) if scoring == "release" and release_unit_t_c else t_c
 
@@ -148,6 +151,8 @@ def ranking_target(target: Tensor, scoring: str) -> Tensor:
     'paper': L2-normalised, so ``q·t`` is the cosine similarity of Eq. 10. 'release': as fused (its norm
     varies between gallery images and changes the ranking; normalising ``q`` does not).
     """
+    import torch.nn.functional as F
+
     _check_scoring(scoring)
     return F.normalize(target, dim=-1) if scoring == "paper" else target
 
@@ -190,6 +195,8 @@ class FusedRetrieval:
         self.scoring, self.release_unit_t_c = scoring, release_unit_t_c
 
     def encode_queries(self, task: RetrievalTask) -> Tensor:
+        import torch.nn.functional as F
+
         c = self.components[task.name]
         return F.normalize(fuse_query(self.weights, c.q_m, c.q_f, c.q_v), dim=-1)
 

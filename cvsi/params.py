@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from cvsi.fusion import COMPONENTS, GROUPS, PRESETS, SCORINGS
 from cvsi.presets import PRESETS as OPTION_PRESETS
 from dataset_registry import DATASETS
-from retrieval import ENGINE_HELP, ENGINES
+from search_choices import ENGINE_HELP, ENGINES
 
 __all__ = ["DESCRIPTION", "build_parser", "parse_config"]
 

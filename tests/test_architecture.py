@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # Lower rank = more general. The groups are the layers of docs/architecture.md.
 RANKS: dict[str, int] = {
     # general helpers
-    "utils": 0, "precision": 0, "distributed": 0,
+    "utils": 0, "precision": 0, "distributed": 0, "search_choices": 0,
     # data, model, retrieval engine
     "data_utils": 1, "retrieval": 1, "ann": 1, "model": 1, "synthetic": 1,
     # metrics, submissions, checkpoints

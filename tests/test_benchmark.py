@@ -7,6 +7,8 @@ import pytest
 import torch
 
 import benchmark
+import utils
+from benchmarks.common import interleaved_medians
 from benchmarks.official_head import official_ssn_loss
 from benchmarks.official_ssn import official_optimizer
 from benchmarks.retrieval import recall_vs_exact
@@ -92,3 +94,24 @@ def test_official_probability_target_loss_equals_ours():
 def test_recall_vs_exact():
     exact = torch.tensor([[1, 2, 3], [4, 5, 6]])
     assert recall_vs_exact(torch.tensor([[3, 2, 1], [4, 9, 8]]), exact) == pytest.approx(4 / 6)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--steps", "0"], "--steps must be >= 1, got 0"),
+    (["--head_steps", "-1"], "--head_steps must be >= 1, got -1"),
+    (["--skip_step", "--skip_head", "--retrieval_gallery", "100", "0"], "--retrieval_gallery sizes must be >= 1, got 0"),
+    (["--device", "gpu"], "--device gpu: "),
+    (["--clip_model_name", "ViT-No-Such-Model", "--skip_head"], "--clip_model_name ViT-No-Such-Model: not an open_clip ViT"),
+])
+def test_bad_flags_end_in_one_line(argv, message, capsys):
+    """As ``python benchmark.py ...`` ends (utils.run_cli): exit status 1, one line naming the flag, no traceback."""
+    with pytest.raises(SystemExit) as exit_info:
+        utils.run_cli(benchmark.main, argv, prog="benchmark.py")
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 1 and err.startswith("benchmark.py: error: ") and err.count("\n") == 1, err
+    assert message in err
+
+
+def test_interleaved_medians_needs_a_repetition():
+    with pytest.raises(utils.UsageError, match="repeats must be >= 1, got 0"):
+        interleaved_medians({"a": lambda: None}, 0, torch.device("cpu"))

@@ -1,0 +1,16 @@
+"""The names of the search engines the scripts offer, in a module without torch.
+
+The scripts' parsers need these names to build ``--retrieval_engine`` and ``--ann``; keeping them here
+rather than beside the engines (which import torch and faiss) lets ``--help`` and argument errors answer
+at once.
+
+* :data:`ENGINES`: exact search engines of :mod:`retrieval` (faiss, torch, or auto: faiss when installed);
+* :data:`ANN_KINDS`: approximate faiss indexes of :mod:`ann` (HNSW, IVF-PQ).
+"""
+from __future__ import annotations
+
+__all__ = ["ENGINES", "ENGINE_HELP", "ANN_KINDS"]
+
+ENGINES = ("auto", "faiss", "torch")
+ENGINE_HELP = "exact search engine: faiss, torch, or auto (faiss when installed, else torch); the rankings are identical"
+ANN_KINDS = ("hnsw", "ivfpq")
