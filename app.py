@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 from pathlib import Path
 from typing import Sequence
+
+import utils
 
 DEMO_CHECKPOINT = Path("demo_output") / "run" / "checkpoints" / "best.pt"
 
@@ -48,29 +49,22 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     if args.top_k < 1:
-        sys.exit(f"app.py: error: --top_k must be >= 1, got {args.top_k}")
+        raise utils.UsageError(f"--top_k must be >= 1, got {args.top_k}")
     checkpoint = Path(args.checkpoint) if args.checkpoint else DEMO_CHECKPOINT
     if args.checkpoint is None and not checkpoint.is_file():
-        sys.exit(f"app.py: error: {checkpoint} not found: create the demo's checkpoint and gallery with "
-                 f"`python demo.py --output_dir demo_output` (about a minute on CPU), or pass --checkpoint")
+        raise utils.UserError(f"{checkpoint} not found: create the demo's checkpoint and gallery with "
+                              f"`python demo.py --output_dir demo_output` (about a minute on CPU), or pass --checkpoint")
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # a local page: no calls home
     # Imported after parsing: --help and argument errors need neither torch nor Gradio.
-    import utils
-    from checkpoint import CheckpointError
-    from data_utils import DataError
-    from model import CheckpointMismatchError
     from webapp.engine import RetrievalEngine
     from webapp.page import PAGE_CSS, build_page
 
     utils.setup_logging(None)
-    try:
-        engine = RetrievalEngine.open(checkpoint, args.gallery_dir, args.data_root, args.task, args.cache_dir,
-                                      device=args.device, precision=args.precision, batch_size=args.batch_size)
-    except (CheckpointError, CheckpointMismatchError, DataError) as error:
-        sys.exit(f"app.py: error: {' '.join(str(error).split())}")
+    engine = RetrievalEngine.open(checkpoint, args.gallery_dir, args.data_root, args.task, args.cache_dir,
+                                  device=args.device, precision=args.precision, batch_size=args.batch_size)
     page = build_page(engine, args.top_k, not args.keep_reference, args.num_examples)
     page.launch(server_name=args.host, server_port=args.port, css=PAGE_CSS, show_error=True)
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    utils.run_cli(main)

@@ -1,17 +1,16 @@
 """The retrieval page (app.py, webapp/) without a browser: its engine and callback on a tiny trained checkpoint."""
 from __future__ import annotations
 
-import os
 import re
 import shutil
-import subprocess
-import sys
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 import torch
 
 import app
+import utils
 from checkpoint import save_checkpoint
 from conftest import validation_rankings
 from data_utils import load_image
@@ -21,9 +20,16 @@ from precision import PRECISIONS
 from viz.examples import word_selection
 from viz.style import word_colour
 from webapp.engine import RetrievalEngine
-from webapp.page import render_words, search_page
 
-REPO = Path(__file__).resolve().parent.parent
+
+@pytest.fixture(scope="module")
+def page() -> ModuleType:
+    """``webapp.page``, imported by the tests that use it: Gradio takes seconds to import, and collecting
+    the suite (or running ``-k`` on other tests) should not pay for it."""
+    pytest.importorskip("gradio")
+    import webapp.page
+
+    return webapp.page
 
 
 @pytest.fixture(scope="module")
@@ -74,10 +80,10 @@ def test_reference_left_out_by_default_kept_on_request(engine: RetrievalEngine, 
     assert all(len(hits) == size for hits in other.rankings.values())
 
 
-def test_page_callback_shows_words_methods_and_ground_truth(engine: RetrievalEngine) -> None:
+def test_page_callback_shows_words_methods_and_ground_truth(engine: RetrievalEngine, page: ModuleType) -> None:
     query = engine.examples(1)[0]
     reference = engine.image_path(query.reference)
-    message, words_html, results_html = search_page(engine, str(reference), query.caption, 3, True)
+    message, words_html, results_html = page.search_page(engine, str(reference), query.caption, 3, True)
     assert f"ground truth **{query.target}**" in message and "Top 3 of" in message
 
     image = engine.trained.transform(load_image(reference))[None]
@@ -100,7 +106,7 @@ def test_page_callback_shows_words_methods_and_ground_truth(engine: RetrievalEng
         assert f"ground truth at rank {result.target_ranks[method]}" in block
 
 
-def test_bad_input_gets_a_message_not_an_exception(engine: RetrievalEngine, tmp_path: Path) -> None:
+def test_bad_input_gets_a_message_not_an_exception(engine: RetrievalEngine, page: ModuleType, tmp_path: Path) -> None:
     reference = str(engine.image_path(engine.examples(1)[0].reference))
     not_image = tmp_path / "gradio_tmp_copy.png"
     not_image.write_text("these are notes, not pixels")
@@ -116,14 +122,14 @@ def test_bad_input_gets_a_message_not_an_exception(engine: RetrievalEngine, tmp_
         "truncated image": (str(truncated), "make it red", "truncated.png: unreadable image"),
     }
     for case, (image, text, expected) in cases.items():
-        message, words, results = search_page(engine, image, text)
+        message, words, results = page.search_page(engine, image, text)
         assert message.startswith("**Cannot search:**") and expected in message, (case, message)
         assert str(tmp_path) not in message or case == "truncated image"
         assert words == "" and results == "", case
 
 
 def test_folder_gallery_is_cached_and_matches_the_dataset_features(
-    checkpoint: Path, engine: RetrievalEngine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    checkpoint: Path, engine: RetrievalEngine, page: ModuleType, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     folder = tmp_path / "photos"
     names = engine.task.gallery[:12]
@@ -157,25 +163,34 @@ def test_folder_gallery_is_cached_and_matches_the_dataset_features(
     assert all(len(hits) == len(names) - 1 for hits in result.rankings.values())
     assert first.examples(3)[0].caption == ""
     # Folder images are shown by their path inside the folder.
-    _, _, results_html = search_page(first, reference, "make the circle blue", len(names))
+    _, _, results_html = page.search_page(first, reference, "make the circle blue", len(names))
     shown = re.findall(r'<span class="name">([^<]+)</span>', results_html)
     assert len(shown) == len(RETRIEVAL_METHODS) * (len(names) - 1)
     assert all(not name.startswith("/") and (folder / name).is_file() for name in shown)
     assert any(name.startswith("nested/") for name in shown)
 
 
-def test_startup_errors_are_one_line(checkpoint: Path, tmp_path: Path) -> None:
+def test_startup_errors_are_one_line(
+    checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture,
+) -> None:
+    """As ``python app.py ...`` ends (utils.run_cli): exit status 1, one line on stderr naming the problem."""
     not_checkpoint = tmp_path / "notes.pt"
     not_checkpoint.write_text("not a checkpoint")
+    zeros = tmp_path / "zeros.pt"
+    zeros.write_bytes(b"\x00" * 64)
     no_dataset = tmp_path / "no_dataset.pt"
     save_checkpoint(no_dataset, {"model": {}})
     state = torch.load(checkpoint, map_location="cpu", weights_only=True)
     state["model"] = {k: v[..., :1] if v.ndim else v for k, v in state["model"].items()}
     wrong_shapes = tmp_path / "wrong_shapes.pt"
     save_checkpoint(wrong_shapes, state)
+    monkeypatch.chdir(tmp_path)  # no demo_output/ here
     cases = [
+        ([], "python demo.py --output_dir demo_output"),
+        (["--top_k", "0"], "--top_k must be >= 1"),
         (["--checkpoint", str(tmp_path / "missing.pt")], "missing.pt"),
         (["--checkpoint", str(not_checkpoint)], "notes.pt"),
+        (["--checkpoint", str(zeros)], "zeros.pt"),
         (["--checkpoint", str(no_dataset)], "no training dataset recorded"),
         (["--checkpoint", str(wrong_shapes)], "wrong_shapes.pt"),
         (["--checkpoint", str(checkpoint), "--gallery_dir", str(tmp_path / "nowhere")], "gallery directory not found"),
@@ -183,44 +198,26 @@ def test_startup_errors_are_one_line(checkpoint: Path, tmp_path: Path) -> None:
     ]
     for argv, expected in cases:
         with pytest.raises(SystemExit) as exit_info:
-            app.main(argv)
-        message = str(exit_info.value.code)
-        assert message.startswith("app.py: error: ") and expected in message and "\n" not in message, argv
+            utils.run_cli(app.main, argv, prog="app.py")
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 1, argv
+        assert err.startswith("app.py: error: ") and expected in err and err.count("\n") == 1, (argv, err)
 
 
-def test_app_exits_with_code_1_and_says_how_to_make_the_demo(checkpoint: Path, tmp_path: Path) -> None:
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    missing_demo = subprocess.run([sys.executable, str(REPO / "app.py")], cwd=tmp_path, env=env,
-                                  capture_output=True, text=True, timeout=120)
-    assert missing_demo.returncode == 1
-    assert "python demo.py --output_dir demo_output" in missing_demo.stderr
-    wrong = tmp_path / "wrong.pt"
-    wrong.write_bytes(b"\x00" * 64)
-    bad_checkpoint = subprocess.run([sys.executable, str(REPO / "app.py"), "--checkpoint", str(wrong)],
-                                    cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
-    assert bad_checkpoint.returncode == 1
-    errors = [line for line in bad_checkpoint.stderr.splitlines() if line.startswith("app.py: error:")]
-    assert len(errors) == 1 and str(wrong) in errors[0] and "Traceback" not in bad_checkpoint.stderr
-
-
-def test_help_needs_neither_torch_nor_gradio() -> None:
-    code = "import sys, app; app.build_parser().format_help(); print(sorted({'torch', 'gradio'} & set(sys.modules)))"
-    loaded = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
-    assert loaded.stdout.strip() == "[]", loaded.stderr
+def test_help_shows_the_options_and_their_defaults() -> None:
+    # That --help imports neither torch nor Gradio: tests/test_cli_help.py.
     help_text = app.build_parser().format_help()
     assert "(default: 5)" in help_text and "--gallery_dir" in help_text and "--keep_reference" in help_text
     precision = next(a for a in app.build_parser()._actions if a.dest == "precision")
     assert set(precision.choices) == set(PRECISIONS)
 
 
-def test_page_builds_with_the_examples(engine: RetrievalEngine) -> None:
+def test_page_builds_with_the_examples(engine: RetrievalEngine, page: ModuleType) -> None:
     import gradio as gr
 
-    from webapp.page import build_page
-
-    page = build_page(engine, top_k=4, exclude_reference=False, num_examples=3)
-    assert isinstance(page, gr.Blocks)
-    config = page.get_config_file()
+    blocks = page.build_page(engine, top_k=4, exclude_reference=False, num_examples=3)
+    assert isinstance(blocks, gr.Blocks)
+    config = blocks.get_config_file()
     ids = {c["props"].get("elem_id"): c for c in config["components"]}
     assert {"reference", "modification", "top_k", "exclude_reference", "search", "results", "words"} <= set(ids)
     assert ids["top_k"]["props"]["value"] == 4 and ids["exclude_reference"]["props"]["value"] is False
@@ -228,6 +225,6 @@ def test_page_builds_with_the_examples(engine: RetrievalEngine) -> None:
     assert [s[1] for s in samples] == [q.caption for q in engine.examples(3)]
 
 
-def test_render_words_escapes_html() -> None:
-    page = render_words([("<b>", 0.9), ("a&b", 0.1)])
-    assert "<b>" not in page and "&lt;b&gt;" in page and "a&amp;b" in page
+def test_render_words_escapes_html(page: ModuleType) -> None:
+    words = page.render_words([("<b>", 0.9), ("a&b", 0.1)])
+    assert "<b>" not in words and "&lt;b&gt;" in words and "a&amp;b" in words

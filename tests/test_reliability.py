@@ -698,16 +698,21 @@ def user_error_commands(data: Path, tmp_path: Path) -> dict[str, tuple[list[str]
                                            f"error: official checkpoint {missing}: no such file"),
         "demo.py": (["--output_dir", str(a_file / "demo")], "Not a directory"),
         "plot_curves.py": ([str(tmp_path / "no_run")], f"{tmp_path / 'no_run' / 'metrics.jsonl'}: metrics log not found"),
+        "app.py": ([], "python demo.py --output_dir demo_output"),  # run in tmp_path: no demo_output/ there
         "synthetic": (["cirr", "--output", str(a_file / "data")], "Not a directory"),
     }
 
 
 @pytest.mark.parametrize("script", ["train_cirr.py", "train_fiq.py", "validate.py", "cirr_test_submission.py",
                                     "retrieve.py", "zero_shot_cvsi.py", "train_phi.py", "convert_official_checkpoint.py",
-                                    "demo.py", "plot_curves.py", "synthetic"])
+                                    "demo.py", "plot_curves.py", "app.py", "synthetic"])
 def test_every_script_ends_a_user_error_with_one_line(script, data, tmp_path, monkeypatch, capsys):
-    """Each entry point as ``python <script>`` runs it (in this process): exit status 1, one line on stderr."""
+    """Each entry point as ``python <script>`` runs it (in this process): exit status 1, one line on stderr.
+
+    (The real process exit: ``test_scripts_end_a_user_error_with_one_line_and_show_the_traceback_with_debug``.)
+    """
     argv, expected = user_error_commands(data, tmp_path)[script]
+    monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(sys, "argv", [str(REPO / script), *argv])
     with pytest.raises(SystemExit) as exit_info:
         if script == "synthetic":
@@ -724,7 +729,7 @@ def test_every_script_ends_a_user_error_with_one_line(script, data, tmp_path, mo
 
 
 SCRIPTS = ("train_cirr.py", "train_fiq.py", "validate.py", "cirr_test_submission.py", "retrieve.py", "zero_shot_cvsi.py",
-           "train_phi.py", "convert_official_checkpoint.py", "demo.py", "benchmark.py", "plot_curves.py",
+           "train_phi.py", "convert_official_checkpoint.py", "demo.py", "benchmark.py", "plot_curves.py", "app.py",
            "synthetic/__main__.py")
 
 
