@@ -15,7 +15,7 @@ timed next to faiss's exact ``IndexFlatIP`` search on the same features.
 
 Every time is a median over interleaved repetitions (the candidates alternate), so machine noise falls on
 all alike.  Speed targets are printed next to the figures; nothing here
-asserts them.  On CPU, glibc's allocator settings change step times by ~10 % (docs/benchmark.md):
+asserts them.  On CPU, glibc's allocator settings change step times by ~10 % (docs/performance.md):
 the machine line reports them.
 """
 from __future__ import annotations

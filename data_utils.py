@@ -824,7 +824,7 @@ def make_loader(
     Workers are never persistent: the training loader's workers are re-created every epoch so that
     they are seeded from the epoch's ``loader_seed`` (exact resume of FashionIQ's random caption order
     depends on it), and the evaluation loaders are built once per use.  Re-creating 2-4 workers costs
-    well under a second per epoch (docs/benchmark.md).
+    well under a second per epoch (docs/performance.md).
     """
     return DataLoader(
         dataset,

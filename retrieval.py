@@ -51,7 +51,7 @@ MIN_MARGIN = 16  # candidates beyond k per query (at least; k // 4 for large k)
 WIDEN = 4  # growth of an uncertified query's candidate list
 FAISS_GALLERY_BLOCK = 1 << 18  # gallery rows per faiss call (bounds the float32 copy of fp16 / bf16 galleries)
 # Gallery rows per BLAS product inside faiss's search (its default, 1024, is ~10 % slower here: measured
-# 1.20 s vs 1.33 s for 1,000 x 200,000 x 512, docs/benchmark.md); [4096 queries, 4096] float32 scores = 64 MiB.
+# 1.20 s vs 1.33 s for 1,000 x 200,000 x 512, docs/performance.md); [4096 queries, 4096] float32 scores = 64 MiB.
 FAISS_BLAS_GALLERY_BLOCK = 4096
 RESCORE_ELEMENTS = 1 << 19  # float64 values gathered at once when re-scoring candidates (4 MiB: stays in cache)
 NORM_HEADROOM = 1e-3  # relative slack on the feature norms of the error bound (their own rounding is ~D * 2^-24)

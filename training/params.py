@@ -106,7 +106,7 @@ def build_train_parser(dataset: str) -> argparse.ArgumentParser:
                      help="the validation metric best.pt and summary.json follow (CIRR: mean, harmonic or geometric mean of the "
                           "7 recalls; FashionIQ: mean of avg R@10 and R@50)")
     run.add_argument("--log_every", type=int, default=10, help="log training loss every N steps")
-    speed = parser.add_argument_group("speed and memory (docs/benchmark.md)")
+    speed = parser.add_argument_group("speed and memory (docs/performance.md)")
     speed.add_argument("--torch_compile", action="store_true",
                        help="torch.compile the model's training forward; where compilation is unavailable, "
                             "training runs eagerly after a warning")
