@@ -207,6 +207,7 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted_run(data, reference
     assert "resumed from" in (run / "log.txt").read_text()
 
 
+@pytest.mark.slow  # SIGTERM, then a resume compared with the uninterrupted run
 def test_sigterm_in_process_checkpoints_at_step_boundary_and_resumes_exactly(data, reference_run, tmp_path, monkeypatch):
     """SIGTERM arriving during step 3 stops after it; the resumed run equals the uninterrupted one."""
     calls = 0
@@ -484,6 +485,7 @@ def test_train_and_val_problems_are_reported_together(data_copy, tmp_path):
     assert not (run / "checkpoints" / "last.pt").exists()
 
 
+@pytest.mark.slow  # a run stopped in validation, resumed and compared with the uninterrupted run
 def test_a_val_image_that_fails_to_decode_costs_no_training(data_copy, reference_run, tmp_path):
     """The header is intact (the up-front check passes), the data cut: validation fails after epoch 1, whose training
     is in last.pt already; with the image repaired, --resume runs that validation and ends as an uninterrupted run."""
@@ -518,6 +520,7 @@ def stop_at_step(monkeypatch, step: int, error: BaseException) -> None:
     monkeypatch.setattr(training.train, "train_step", train_step)
 
 
+@pytest.mark.slow  # two trainings; the folder rules alone: tests/test_run_dir.py
 def test_a_run_stopped_before_its_first_checkpoint_still_owns_its_folder(data, tmp_path, monkeypatch):
     run = tmp_path / "run"
     stop_at_step(monkeypatch, 3, KeyboardInterrupt())
@@ -564,6 +567,7 @@ def files_of(folder: Path) -> set[str]:
     return {path.relative_to(folder).as_posix() for path in folder.rglob("*") if path.is_file()}
 
 
+@pytest.mark.slow  # a training and two resumes; the folder rules alone: tests/test_run_dir.py
 def test_resume_into_another_runs_folder_is_refused(data, reference_run, tmp_path):
     other = train_cirr.main(train_args(data, tmp_path / "other", epochs=1))
     before = {name: (other / name).read_bytes() for name in files_of(other)}
@@ -582,6 +586,7 @@ def test_resume_into_another_runs_folder_is_refused(data, reference_run, tmp_pat
         train_cirr.main(train_args(data, copy, "--resume", str(copy / "checkpoints" / "last.pt"), "--overwrite"))
 
 
+@pytest.mark.slow  # a resume and a training; the rule alone: tests/test_run_dir.py
 def test_orphaned_temporary_files_are_removed_on_start_and_resume(data, reference_run, tmp_path):
     run = Path(shutil.copytree(reference_run, tmp_path / "run"))
     orphans = [run / "checkpoints" / ".last.pt.0123456789ab.tmp", run / ".metrics.jsonl.abcdef012345.tmp"]
