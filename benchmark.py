@@ -1,4 +1,4 @@
-"""Speed and memory benchmark of SSN training and retrieval (issue 7).
+"""Speed and memory benchmark of SSN training and retrieval.
 
 Examples::
 
