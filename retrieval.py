@@ -12,7 +12,7 @@ depend on summation order, BLAS kernel, thread count or block size, and items wh
 exactly (duplicated images) get equal scores (float64 features get float64 sums, whose last bits do
 depend on the summation order).
 
-Two engines find the candidates (``engine=``, or :func:`use_engine` / :func:`set_default_engine`):
+Two engines find the candidates (``engine=``, or a :func:`use_engine` block):
 
 * ``"faiss"``: faiss's exact brute-force inner-product search (the computation ``IndexFlatIP.search``
   runs: BLAS blocks and a heap per query, without copying the gallery into an index), on CPU, or on
@@ -32,6 +32,7 @@ again with four times as many candidates, up to the whole gallery.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import functools
 import importlib
 from collections.abc import Hashable, Iterator, Sequence
@@ -44,7 +45,7 @@ from search_choices import ENGINES
 
 __all__ = [
     "topk_retrieval", "ranked_names", "cirr_rankings", "name_to_index", "check_lengths", "pair_scores",
-    "resolve_engine", "use_engine", "set_default_engine", "default_engine", "faiss_module",
+    "resolve_engine", "use_engine", "default_engine", "faiss_module",
 ]
 
 MIN_MARGIN = 16  # candidates beyond k per query (at least; k // 4 for large k)
@@ -55,7 +56,9 @@ FAISS_GALLERY_BLOCK = 1 << 18  # gallery rows per faiss call (bounds the float32
 FAISS_BLAS_GALLERY_BLOCK = 4096
 RESCORE_ELEMENTS = 1 << 19  # float64 values gathered at once when re-scoring candidates (4 MiB: stays in cache)
 NORM_HEADROOM = 1e-3  # relative slack on the feature norms of the error bound (their own rounding is ~D * 2^-24)
-_default_engine = "auto"
+# The engine of rankings that name none: scoped by use_engine (a context variable, so threads and async
+# tasks each see their own, and nothing outside the block is changed).
+_ENGINE: contextvars.ContextVar[str] = contextvars.ContextVar("retrieval_engine", default="auto")
 
 
 @functools.cache
@@ -79,7 +82,7 @@ def resolve_engine(engine: str | None, device: torch.device | str) -> str:
         ValueError: an unknown engine, or ``"faiss"`` where faiss cannot run (not installed; CUDA features
             without faiss GPU support).
     """
-    engine = _default_engine if engine is None else engine
+    engine = _ENGINE.get() if engine is None else engine
     if engine not in ENGINES:
         raise ValueError(f"unknown retrieval engine {engine!r}; choose one of {', '.join(ENGINES)}")
     if engine == "torch":
@@ -95,32 +98,27 @@ def resolve_engine(engine: str | None, device: torch.device | str) -> str:
 
 
 def default_engine() -> str:
-    """The engine rankings use when they name none."""
-    return _default_engine
-
-
-def set_default_engine(engine: str) -> None:
-    """Set the engine rankings use when they name none (one of :data:`search_choices.ENGINES`)."""
-    global _default_engine
-    if engine not in ENGINES:
-        raise ValueError(f"unknown retrieval engine {engine!r}; choose one of {', '.join(ENGINES)}")
-    _default_engine = engine
+    """The engine rankings use when they name none: ``"auto"`` outside any :func:`use_engine` block."""
+    return _ENGINE.get()
 
 
 @contextlib.contextmanager
 def use_engine(engine: str | None) -> Iterator[None]:
-    """Within the block, rankings that name no engine use ``engine`` (None: keep the current default).
+    """Within the block, rankings that name no engine use ``engine`` (None: keep the current one).
 
     Scripts wrap their work in it (``--retrieval_engine``), so validation, submissions and CVSI pick the
-    engine without passing it through every call.
+    engine without passing it through every call; the choice ends with the block.
     """
-    previous = _default_engine
-    if engine is not None:
-        set_default_engine(engine)
+    if engine is None:
+        yield
+        return
+    if engine not in ENGINES:
+        raise ValueError(f"unknown retrieval engine {engine!r}; choose one of {', '.join(ENGINES)}")
+    token = _ENGINE.set(engine)
     try:
         yield
     finally:
-        set_default_engine(previous)
+        _ENGINE.reset(token)
 
 
 def _score_dtype(features: Tensor) -> torch.dtype:
