@@ -64,6 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--retrieval_k", type=int, default=50, help="results per query of the retrieval runs")
     parser.add_argument("--retrieval_dtype", choices=("float32", "float16"), default="float32", help="gallery storage")
     parser.add_argument("--retrieval_chunk_size", type=int, default=4096, help="queries per block of the retrieval runs")
+    parser.add_argument("--retrieval_features", choices=("random", "clustered"), default="random",
+                        help="random unit vectors (worst case for --ann) or clustered ones (neighbourhoods, as real "
+                             "features have; benchmarks/retrieval.py)")
     parser.add_argument("--retrieval_repeats", type=int, default=3, help="interleaved repetitions of each retrieval timing")
     parser.add_argument("--ann", choices=ANN_KINDS, default=None,
                         help="also build an approximate index (saved and read back) and report its recall@k vs exact")
@@ -115,7 +118,8 @@ def _machine(device: torch.device, allocator_tuned: bool) -> str:
 def _print_retrieval(r: RetrievalResult) -> None:
     from benchmarks.common import format_bytes
 
-    print(f"\n== exact retrieval: {r.num_queries} queries x {r.gallery_size} gallery (D={r.dim}, {r.dtype} storage), "
+    print(f"\n== exact retrieval: {r.num_queries} queries x {r.gallery_size} gallery ({r.features} features, D={r.dim}, "
+          f"{r.dtype} storage), "
           f"top-{r.k}, median of {r.repeats} interleaved")
     rate = r.num_queries / r.project_s
     print(f"{'project (' + r.engine + ' engine)':<34} {r.project_s:8.3f} s  {rate:8.1f} queries/s")
@@ -191,7 +195,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, object]:
     for size in args.retrieval_gallery:
         retrieval = run_retrieval_benchmark(
             size, args.retrieval_queries, args.retrieval_dim, args.retrieval_k, getattr(torch, args.retrieval_dtype),
-            args.retrieval_chunk_size, args.retrieval_repeats, args.ann, args.seed,
+            args.retrieval_chunk_size, args.retrieval_repeats, args.ann, args.seed, args.retrieval_features,
         )
         results.setdefault("retrieval", []).append(retrieval)
         _print_retrieval(retrieval)

@@ -1,8 +1,13 @@
 """Retrieval at scale: the project's exact top-k next to faiss's exact search on the same features, and
 optionally an approximate index with its recall against exact search.
 
-The gallery is random L2-normalised vectors, filled block by block (building it never holds more than the
-gallery plus one block); fp32 storage of 1M x 512 is 2 GiB, ``float16`` storage halves that.  Timed, as
+The features (``features=``), filled block by block (building them never holds more than the gallery plus
+one block; fp32 storage of 1M x 512 is 2 GiB, ``float16`` storage halves that):
+
+* ``"random"``: random unit vectors, queries as well: the worst case for an approximate index (no
+  neighbourhoods, near-equal distances);
+* ``"clustered"``: a stand-in for the neighbourhood structure of real image features (not CLIP features):
+  gallery items around ``G / 100`` random centres, each query a perturbed copy of one gallery item.  Timed, as
 medians of interleaved repetitions:
 
 * ``project``: :func:`retrieval.topk_retrieval` with the default engine (faiss when installed): checks,
@@ -45,6 +50,7 @@ class ANNResult:
 
 @dataclass(frozen=True)
 class RetrievalResult:
+    features: str  # "random" or "clustered"
     gallery_size: int
     num_queries: int
     dim: int
@@ -77,6 +83,29 @@ def random_gallery(size: int, dim: int, dtype: torch.dtype = torch.float32, seed
         block = torch.randn(min(FILL_BLOCK, size - start), dim, generator=gen)
         gallery[start : start + block.shape[0]] = F.normalize(block, dim=-1).to(dtype)
     return gallery
+
+
+def clustered_features(gallery_size: int, num_queries: int, dim: int, dtype: torch.dtype = torch.float32,
+                       seed: int = 0) -> tuple[Tensor, Tensor]:
+    """Gallery [G, D] and queries [Q, D] with neighbourhoods, all unit vectors.
+
+    With centres c_j (j < max(1, G / 100)) and noise n ~ N(0, I_D / D) (so ||n|| ~ 1):
+    gallery item i = normalize(c_{i mod C} + n_i) (cosine ~0.7 to its centre); query q =
+    normalize(g_{m_q} + 0.5 n_q) for a random gallery item m_q (cosine ~0.9 to it).
+    """
+    gen = torch.Generator().manual_seed(seed)
+    centres = F.normalize(torch.randn(max(1, gallery_size // 100), dim, generator=gen), dim=-1)
+    gallery = torch.empty(gallery_size, dim, dtype=dtype)
+    for start in range(0, gallery_size, FILL_BLOCK):
+        rows = torch.arange(start, min(start + FILL_BLOCK, gallery_size))
+        noise = torch.randn(len(rows), dim, generator=gen) / dim**0.5
+        gallery[rows] = F.normalize(centres[rows % len(centres)] + noise, dim=-1).to(dtype)
+    anchors = gallery[torch.randint(gallery_size, (num_queries,), generator=gen)].float()
+    queries = F.normalize(anchors + 0.5 * torch.randn(num_queries, dim, generator=gen) / dim**0.5, dim=-1)
+    return gallery, queries
+
+
+FEATURES = ("random", "clustered")
 
 
 def recall_vs_exact(approximate: Tensor, exact: Tensor) -> float:
@@ -116,12 +145,19 @@ def run_retrieval_benchmark(
     repeats: int = 3,
     ann: str | None = None,
     seed: int = 0,
+    features: str = "random",
 ) -> RetrievalResult:
-    """Time the project's exact top-k, its torch engine and faiss ``IndexFlatIP`` on the same random
-    features (interleaved medians of ``repeats``), check the results agree, and optionally build an
-    approximate index (``ann``: ``"hnsw"`` / ``"ivfpq"``), save it to a temporary folder and read it back."""
-    gallery = random_gallery(gallery_size, dim, dtype, seed)
-    queries = random_gallery(num_queries, dim, torch.float32, seed + 1)
+    """Time the project's exact top-k, its torch engine and faiss ``IndexFlatIP`` on the same features
+    (``features``: one of :data:`FEATURES`, module docstring; interleaved medians of ``repeats``), check the
+    results agree, and optionally build an approximate index (``ann``: ``"hnsw"`` / ``"ivfpq"``), save it to a
+    temporary folder and read it back."""
+    if features == "clustered":
+        gallery, queries = clustered_features(gallery_size, num_queries, dim, dtype, seed)
+    elif features == "random":
+        gallery = random_gallery(gallery_size, dim, dtype, seed)
+        queries = random_gallery(num_queries, dim, torch.float32, seed + 1)
+    else:
+        raise ValueError(f"unknown features {features!r}; choose one of {', '.join(FEATURES)}")
     rss_before = current_rss_bytes()
     device = torch.device("cpu")
     candidates = {
@@ -151,7 +187,7 @@ def run_retrieval_benchmark(
         with tempfile.TemporaryDirectory() as scratch:
             ann_result = _ann_result(gallery, queries, project[1], k, ANNConfig(kind=ann), Path(scratch), repeats)
     return RetrievalResult(
-        gallery_size=gallery_size, num_queries=num_queries, dim=dim, k=k, dtype=str(dtype).removeprefix("torch."),
+        features=features, gallery_size=gallery_size, num_queries=num_queries, dim=dim, k=k, dtype=str(dtype).removeprefix("torch."),
         chunk_size=chunk_size, repeats=repeats, engine=resolve_engine(None, device), project_s=medians["project"],
         torch_s=medians["torch"], faiss_s=medians.get("faiss"), equal_to_torch=equal, same_sets_as_faiss=same_sets,
         same_order_as_faiss=same_order, rss_before_bytes=rss_before, peak_rss_bytes=peak_rss_bytes(), ann=ann_result,
