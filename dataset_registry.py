@@ -32,6 +32,7 @@ __all__ = [
     "register_dataset",
     "get_dataset",
     "resolve_dataset_root",
+    "folder_task",
     "FIQ_CATEGORIES",
 ]
 
@@ -82,6 +83,20 @@ class RetrievalTask:
     queries: list[Query]
     image_path: Callable[[str], Path]
     annotations: list[dict]
+
+
+def folder_task(directory: str | os.PathLike, queries: Sequence[Query] = ()) -> RetrievalTask:
+    """A folder of images (searched recursively) as a gallery, with ``queries`` against it (none by
+    default); the gallery's names are the files' paths, so a query's reference may be any image path.
+
+    Raises:
+        DataError: the folder is missing or holds no image file.
+    """
+    from data_utils import list_gallery_images
+
+    files = list_gallery_images(directory)
+    return RetrievalTask("folder", "folder", "", Path(directory), [str(f) for f in files], list(queries),
+                         image_path=Path, annotations=[])
 
 
 TaskReader = Callable[..., list[RetrievalTask]]  # (root, split, categories=None) -> tasks

@@ -56,8 +56,8 @@ def main(argv: Sequence[str] | None = None) -> list[tuple[Path, float]]:
 
     import feature_cache
     from ann import ANNConfig, ann_search, index_file_name, load_or_build_index
-    from data_utils import list_gallery_images, load_image
-    from dataset_registry import Query, RetrievalTask
+    from data_utils import load_image
+    from dataset_registry import Query, folder_task
     from distributed import init_distributed
     from evaluation import ModelRetrieval
     from inference import load_trained_model, preprocessing_settings
@@ -69,13 +69,9 @@ def main(argv: Sequence[str] | None = None) -> list[tuple[Path, float]]:
     device = init_distributed(args.device).device
     precision = effective_precision(args.precision, device)
     reference = load_image(args.reference)  # fail on a bad reference before encoding a gallery
-    files = list_gallery_images(args.gallery_dir)
+    task = folder_task(args.gallery_dir, [Query("0", args.reference, args.text)])  # image names are the files' paths
+    names, files = task.gallery, [Path(name) for name in task.gallery]
     trained = load_trained_model(args.checkpoint, device)
-
-    # The folder is a retrieval task of one query; image names are the files' paths.
-    names = [str(f) for f in files]
-    task = RetrievalTask("folder", "folder", "", Path(args.gallery_dir), names, [Query("0", args.reference, args.text)],
-                         image_path=Path, annotations=[])
     method = ModelRetrieval(trained.model, "ssn", trained.transform, device, precision, args.batch_size, args.num_workers)
     checkpoint_id, split = feature_cache.checkpoint_identity(args.checkpoint), str(Path(args.gallery_dir).resolve())
     extra = {"files": feature_cache.file_list_identity(files), **preprocessing_settings(trained, precision)}

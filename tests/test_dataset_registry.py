@@ -1,13 +1,17 @@
 """Tests for dataset_registry.py: the registry, root resolution, tasks read from the synthetic benchmarks, scoring,
 test outputs and training triplets."""
 import json
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from data_utils import CIRCODataset, CIRRDataset, FashionIQDataset, join_fiq_captions
-from dataset_registry import DATASETS, FIQ_CATEGORIES, DatasetSpec, Query, get_dataset, register_dataset, resolve_dataset_root
+from PIL import Image
+
+from data_utils import CIRCODataset, CIRRDataset, DataError, FashionIQDataset, join_fiq_captions
+from dataset_registry import (DATASETS, FIQ_CATEGORIES, DatasetSpec, Query, folder_task, get_dataset, register_dataset,
+                              resolve_dataset_root)
 from submission import check_cirr_submission
 from synthetic import make_synthetic_circo, make_synthetic_cirr, make_synthetic_fashioniq
 
@@ -81,6 +85,20 @@ def test_resolve_dataset_root_accepts_the_folder_or_its_parent(roots, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------- tasks
+def test_folder_task_is_every_image_below_the_folder(tmp_path):
+    for name in ("b.png", "a.jpg", "sub/c.png"):
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        Image.new("RGB", (4, 4)).save(tmp_path / name)
+    (tmp_path / "notes.txt").write_text("not an image")
+    query = Query("0", str(tmp_path / "a.jpg"), "make it red")
+    task = folder_task(tmp_path, [query])
+    assert sorted(task.gallery) == sorted(str(tmp_path / n) for n in ("a.jpg", "b.png", "sub/c.png"))
+    assert task.queries == [query] and task.image_path(task.gallery[0]) == Path(task.gallery[0])
+    assert folder_task(tmp_path).queries == []
+    with pytest.raises(DataError, match="missing"):
+        folder_task(tmp_path / "missing")
+
+
 def test_cirr_tasks(roots):
     root = roots["cirr"]
     (val,) = get_dataset("cirr").tasks(root, "val")

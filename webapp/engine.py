@@ -30,8 +30,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from data_utils import DataError, list_gallery_images, load_image
-from dataset_registry import Query, RetrievalTask, get_dataset, resolve_dataset_root
+from data_utils import DataError, load_image
+from dataset_registry import Query, RetrievalTask, folder_task, get_dataset, resolve_dataset_root
 from evaluation import ModelRetrieval
 from feature_cache import cached_gallery_features, checkpoint_gallery_encoder, checkpoint_identity, file_list_identity
 from inference import TrainedModel, load_trained_model, preprocessing_settings, run_directory
@@ -40,7 +40,7 @@ from precision import effective_precision
 from retrieval import topk_retrieval
 from viz.examples import target_ranks, word_selection
 
-__all__ = ["METHOD_LABELS", "DEFAULT_CACHE_DIR", "Hit", "SearchResult", "QueryError", "folder_task", "dataset_task",
+__all__ = ["METHOD_LABELS", "DEFAULT_CACHE_DIR", "Hit", "SearchResult", "QueryError", "dataset_task",
            "RetrievalEngine"]
 
 METHOD_LABELS = {"ssn": "SSN", "image": "image only", "text": "text only", "sum": "image + text sum"}
@@ -69,17 +69,6 @@ class SearchResult:
     excluded: str | None  # gallery name left out as the reference itself
     target: str | None = None  # the ground truth, when the query is one of the gallery's known queries
     target_ranks: dict[str, int] | None = None  # method -> 1-based rank of the target in the full ranking
-
-
-def folder_task(directory: str | os.PathLike) -> RetrievalTask:
-    """A folder of images (searched recursively) as a gallery without queries; names are the files' paths.
-
-    Raises:
-        DataError: the folder is missing or holds no image file.
-    """
-    files = list_gallery_images(directory)
-    return RetrievalTask("folder", "folder", "", Path(directory), [str(f) for f in files], [], image_path=Path,
-                         annotations=[])
 
 
 def dataset_task(trained: TrainedModel, data_root: str | os.PathLike | None = None,
