@@ -9,10 +9,8 @@ import cirr_test_submission
 import feature_cache
 import retrieval
 import retrieve
-import train_cirr
 import validate
 from retrieval import cirr_rankings, ranked_names, resolve_engine, topk_retrieval, use_engine
-from synthetic import make_synthetic_cirr
 
 HAS_FAISS = retrieval.faiss_module() is not None
 ENGINES = ["torch", pytest.param("faiss", marks=pytest.mark.skipif(not HAS_FAISS, reason="faiss not installed"))]
@@ -220,16 +218,9 @@ def test_cirr_subset_ranking_is_the_full_ranking_restricted_to_the_members():
 
 
 @pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory) -> tuple[Path, Path]:
-    """(checkpoint, data root) of a one-epoch run of the tiny model on a small synthetic CIRR."""
-    root = tmp_path_factory.mktemp("engines")
-    make_synthetic_cirr(root / "data", num_train=32, num_val=40, num_test=20, image_size=32)  # test1 gallery > 50
-    run = train_cirr.main([
-        "--data_root", str(root / "data"), "--clip_model_name", "ViT-Tiny-P8-32", "--pretrained", "none",
-        "--num_epochs", "1", "--batch_size", "16", "--num_workers", "0", "--device", "cpu",
-        "--output_dir", str(root / "run"),
-    ])
-    return next((run / "checkpoints").glob("*.pt")), root / "data"
+def tiny_run(tiny_cirr_run: Path, tiny_cirr_root: Path) -> tuple[Path, Path]:
+    """(checkpoint, data root) of the session's tiny trained run (its synthetic CIRR has a test1 gallery > 50)."""
+    return tiny_cirr_run / "checkpoints" / "best.pt", tiny_cirr_root.parent
 
 
 @pytest.mark.skipif(not HAS_FAISS, reason="faiss not installed")
@@ -255,8 +246,8 @@ def test_validation_and_submission_are_the_same_with_either_engine(tiny_run, tmp
 @pytest.mark.skipif(not HAS_FAISS, reason="faiss not installed")
 def test_retrieve_builds_the_index_once_beside_the_feature_cache(tiny_run, tmp_path, monkeypatch):
     """retrieve.py --ann: the first run encodes the gallery and saves the index next to its cache entry
-    (same key); the next run loads the index and never touches the gallery features.  On a 40-image
-    folder HNSW finds the exact ranking, which both exact engines give too."""
+    (same key); the next run loads the index and never touches the gallery features.  On a folder of a few
+    dozen images HNSW finds the exact ranking, which both exact engines give too."""
     checkpoint, data = tiny_run
     gallery = data / "cirr_dataset" / "dev"
     cache = tmp_path / "cache"

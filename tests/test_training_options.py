@@ -43,6 +43,7 @@ def test_grad_checkpointing_gives_the_same_loss_and_gradients():
         torch.testing.assert_close(grad_ckpt, grad, rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.slow  # a training run; the loss and gradients alone: the test above
 def test_short_run_with_grad_checkpointing(cirr_root, tmp_path):
     run = train_cirr.main(["--data_root", str(cirr_root), *TINY, "--grad_checkpointing", "--output_dir", str(tmp_path / "run")])
     assert (run / "checkpoints" / "last.pt").is_file()
