@@ -97,6 +97,14 @@ def test_cvsi_and_inference_stay_off_the_training_loop_and_each_other_s_layers()
     assert RANKS["inference"] < RANKS["training"]
 
 
+def test_no_cvsi_module_imports_training_or_viz():
+    # Every file of the package, the demo's CLIP training included: CVSI stays usable without the SSN
+    # training loop and the plotting code.
+    files = {path.relative_to(ROOT).as_posix(): _imports(path) for path in _files_of("cvsi")}
+    assert {"cvsi/clip_training.py", "cvsi/phi_training.py", "cvsi/demo.py"} <= set(files)
+    assert {path: sorted(names & {"training", "viz"}) for path, names in files.items() if names & {"training", "viz"}} == {}
+
+
 @pytest.mark.parametrize("script", sorted(SCRIPTS))
 def test_scripts_are_thin_mains(script):
     path = ROOT / f"{script}.py"

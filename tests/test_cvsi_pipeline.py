@@ -1,5 +1,5 @@
 """CVSI end to end: the BLIP-2 captioner on a tiny random model, a killed run resuming from its caches,
-answer-file import, test submissions and the synthetic demo."""
+answer-file import and test submissions (the synthetic demo: test_cvsi_demo.py)."""
 from __future__ import annotations
 
 import json
@@ -251,13 +251,3 @@ def test_image_features_are_recomputed_when_the_transform_code_changes(circo_set
     identities = [json.loads(p.read_text()) for p in (tmp_path / "cache" / "image_features").glob("*/identity.json")]
     assert sorted(i["transform_revision"] for i in identities) == [pipeline.TRANSFORM_REVISION - 1,
                                                                    pipeline.TRANSFORM_REVISION]
-
-
-@pytest.mark.slow  # the whole CVSI demo: minutes on 2 CPU cores
-def test_demo_runs_end_to_end(tmp_path, capsys):
-    results = demo.main(["--output_dir", str(tmp_path), "--clip_model_name", CLIP, "--num_val", "6", "--num_test", "3",
-                         "--gallery_size", "40"])
-    printed = capsys.readouterr().out
-    assert "CVSI on synthetic CIRCO val: mAP@5" in printed and "LLM requests this run: 0" in printed
-    assert results["val"]["metrics"]["CVSI"] == results["val again"]["metrics"]["CVSI"]
-    assert results["test"]["files"][0].is_file()

@@ -8,10 +8,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
 
-from data_utils import CIRRDataset, read_json
+from data_utils import CIRCODataset, CIRRDataset, read_json
 from synthetic import make_synthetic_circo, make_synthetic_cirr, make_synthetic_fashioniq
+from synthetic.circo import BACKGROUNDS, make_complementary_circo
+from synthetic.scenes import COLOURS
 from synthetic.cli import DESCRIPTION, MAKERS, main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -100,3 +104,38 @@ def test_python_dash_m_synthetic_runs():
     result = subprocess.run([sys.executable, "-m", "synthetic", "circo", "--help"], cwd=ROOT,
                             capture_output=True, text=True, check=True)
     assert "--gallery_size" in result.stdout and "(default: 1500)" in result.stdout
+
+
+# ------------------------------------------------------------------------------------------ complementary CIRCO
+def test_complementary_circo_is_deterministic(tmp_path):
+    small = dict(num_val=3, num_test=1, gallery_size=60, image_size=32)
+    first = _tree_digest(make_complementary_circo(tmp_path / "a", seed=3, **small))
+    assert first == _tree_digest(make_complementary_circo(tmp_path / "b", seed=3, **small))
+    assert first != _tree_digest(make_complementary_circo(tmp_path / "c", seed=4, **small))
+
+
+def _palette_summary(path: Path) -> tuple[tuple[int, ...], frozenset[str]]:
+    """(background colour, names of the shape colours in the photo), from its pixels (nearest palette colour)."""
+    names = [*COLOURS, *BACKGROUNDS]
+    palette = np.array([*COLOURS.values(), *BACKGROUNDS.values()], dtype=float)  # [P, 3]
+    pixels = np.asarray(Image.open(path).convert("RGB"), dtype=float).reshape(-1, 1, 3)
+    nearest = np.bincount(((pixels - palette) ** 2).sum(-1).argmin(1), minlength=len(names))
+    background = names[int(nearest[len(COLOURS):].argmax()) + len(COLOURS)]
+    return BACKGROUNDS[background], frozenset(n for n, count in zip(names[:len(COLOURS)], nearest) if count > 40)
+
+
+def test_complementary_circo_ground_truths_need_the_setting_and_the_edit(tmp_path):
+    root = make_complementary_circo(tmp_path, seed=0, num_val=12, num_test=2, gallery_size=100, image_size=64)
+    data = CIRCODataset(root, "val", "relative", lambda x: x)
+    photos = {name: _palette_summary(data.image_path(name)) for name in data.image_names}
+    assert len(photos) >= 14 * 11 and {background for background, _ in photos.values()} == set(BACKGROUNDS.values())
+    for query in data.triplets:
+        reference, gts = str(query["reference_img_id"]), [str(i) for i in query["gt_img_ids"]]
+        setting, reference_colours = photos[reference]
+        target_colours = photos[gts[0]][1]
+        assert 2 <= len(gts) and all(photos[g] == (setting, target_colours) for g in gts)
+        others = [name for name in photos if name not in {reference, *gts}]
+        # Near-copies of the reference without the edit: its setting and colours, not ground truths.
+        assert sum(photos[n] == (setting, reference_colours) for n in others) >= 2
+        # The edited objects in another setting: what the edit says, on another background.
+        assert sum(photos[n][1] == target_colours and photos[n][0] != setting for n in others) >= 3
