@@ -17,9 +17,15 @@ from model import create_backbone
 from synthetic.circo import BACKGROUNDS, setting_captioned_photo
 
 CLIP = "ViT-Tiny-P8-32"
-# Full CVSI's mAP@10 minus the best single channel's, measured with the demo's defaults: seed 0 +14.5,
-# seed 1 +24.3, seed 2 +23.9 (CVSI 41.0 / 50.8 / 52.3; the best channel, only q_m→t_c, 26.5 / 26.4 / 28.4).
-MARGIN = 7.0
+# The slow test's demo: the defaults' data and CLIP batch with fewer pairs, CLIP and Φ steps, queries and images
+# (~1 min a seed on 2 free CPU cores instead of the defaults' few minutes). Full CVSI's mAP@10 minus the best single
+# channel's (only q_m→t_c each time), measured with these settings: seed 0 +8.95 (44.91 vs 35.96), seed 1 +17.71
+# (57.24 vs 39.53), seed 2 +6.37 (45.98 vs 39.62); the test runs seeds 0 and 2, the two smallest margins, to stay
+# within ~2.5 min. Fewer CLIP steps lose the margin (240 steps: seed 2 -0.74). With the demo's defaults: seed 0
+# +14.46 (40.99 vs 26.53).
+SLOW_DEMO = ["--pretraining_pairs", "8000", "--clip_steps", "300", "--clip_batch_size", "128", "--phi_steps", "30",
+             "--phi_batch_size", "64", "--num_val", "60", "--num_test", "5", "--gallery_size", "600"]
+MARGIN = 4.0
 
 
 @torch.no_grad()
@@ -132,9 +138,9 @@ def test_demo_prints_every_row_with_a_legend_and_a_second_run_reuses_everything(
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("seed", [0, 2])
 def test_full_cvsi_beats_every_single_channel(tmp_path, seed):
-    results = demo.main(["--output_dir", str(tmp_path), "--seed", str(seed)])
+    results = demo.main(["--output_dir", str(tmp_path), "--seed", str(seed), *SLOW_DEMO])
     full = results["val"]["metrics"]["CVSI"]["mAP@10"]
     channels = {row: metrics["mAP@10"] for row, metrics in results["channels"].items()}
     assert full >= max(channels.values()) + MARGIN, json.dumps({"CVSI": full, **channels})
