@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import logging
-
+import os
 from pathlib import Path
 
 import pytest
@@ -31,6 +31,15 @@ def _plain_project_loggers():
 
 
 def pytest_configure(config: pytest.Config) -> None:
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:
+        # pytest-xdist workers share the cores, and torch's default of one thread per core in each worker
+        # oversubscribes them (2 cores, `-m "not slow" -n 2`: 140 s with the default, 88 s with 1 thread each).
+        threads = max(1, (os.cpu_count() or 1) // workers)
+        os.environ["OMP_NUM_THREADS"] = str(threads)  # for the subprocesses tests start
+        import torch
+
+        torch.set_num_threads(threads)
     config.addinivalue_line("markers", "slow: takes more than ~10 s on 2 CPU cores (end-to-end trainings, torchrun, "
                                        "SIGKILL, resume, a real browser); `pytest -m \"not slow\"` leaves them out")
 
