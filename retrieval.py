@@ -74,6 +74,11 @@ def _faiss_gpu(faiss: ModuleType) -> bool:
     return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
 
 
+def _check_engine(engine: str) -> None:
+    if engine not in ENGINES:
+        raise ValueError(f"unknown retrieval engine {engine!r}; choose one of {', '.join(ENGINES)}")
+
+
 def resolve_engine(engine: str | None, device: torch.device | str) -> str:
     """``"faiss"`` or ``"torch"``: the engine that ranks features on ``device`` for the choice ``engine``
     (None: the default, see :func:`use_engine`).
@@ -83,8 +88,7 @@ def resolve_engine(engine: str | None, device: torch.device | str) -> str:
             without faiss GPU support).
     """
     engine = _ENGINE.get() if engine is None else engine
-    if engine not in ENGINES:
-        raise ValueError(f"unknown retrieval engine {engine!r}; choose one of {', '.join(ENGINES)}")
+    _check_engine(engine)
     if engine == "torch":
         return "torch"
     device = torch.device(device)
@@ -112,8 +116,7 @@ def use_engine(engine: str | None) -> Iterator[None]:
     if engine is None:
         yield
         return
-    if engine not in ENGINES:
-        raise ValueError(f"unknown retrieval engine {engine!r}; choose one of {', '.join(ENGINES)}")
+    _check_engine(engine)
     token = _ENGINE.set(engine)
     try:
         yield

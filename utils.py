@@ -162,6 +162,17 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes | memoryview) -> Non
         raise
 
 
+def atomic_torch_save(path: str | os.PathLike, obj: Any) -> None:
+    """``torch.save(obj)`` written with :func:`atomic_write_bytes` (the old file or the complete new one)."""
+    import io
+
+    import torch
+
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
 def atomic_write_json(path: str | os.PathLike, obj: Any, indent: int | None = 2) -> None:
     """Atomically write ``obj`` as UTF-8 JSON (compact separators when ``indent`` is None)."""
     separators = (",", ":") if indent is None else None

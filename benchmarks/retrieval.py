@@ -7,8 +7,9 @@ one block; fp32 storage of 1M x 512 is 2 GiB, ``float16`` storage halves that):
 * ``"random"``: random unit vectors, queries as well: the worst case for an approximate index (no
   neighbourhoods, near-equal distances);
 * ``"clustered"``: a stand-in for the neighbourhood structure of real image features (not CLIP features):
-  gallery items around ``G / 100`` random centres, each query a perturbed copy of one gallery item.  Timed, as
-medians of interleaved repetitions:
+  gallery items around ``G / 100`` random centres, each query a perturbed copy of one gallery item.
+
+Timed, as medians of interleaved repetitions:
 
 * ``project``: :func:`retrieval.topk_retrieval` with the default engine (faiss when installed): checks,
   search, re-ranking into the dense stable-sort order;

@@ -16,7 +16,6 @@ saved as the open_clip model's state dict (:func:`save_clip`), which :func:`mode
 """
 from __future__ import annotations
 
-import io
 import logging
 import math
 import os
@@ -30,7 +29,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
 from model import CLIPBackbone, create_backbone
-from utils import atomic_write_bytes
+from utils import atomic_torch_save
 
 __all__ = ["ContrastiveConfig", "train_contrastive", "save_clip", "in_batch_accuracy"]
 
@@ -148,6 +147,4 @@ def in_batch_accuracy(image: torch.Tensor, text: torch.Tensor) -> float:
 def save_clip(backbone: CLIPBackbone, path: str | os.PathLike) -> None:
     """Atomically write the open_clip model's state dict; ``create_backbone(name, pretrained=path)`` loads it."""
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    buffer = io.BytesIO()
-    torch.save(backbone.clip.state_dict(), buffer)
-    atomic_write_bytes(path, buffer.getvalue())
+    atomic_torch_save(path, backbone.clip.state_dict())

@@ -8,7 +8,6 @@ docs/cvsi.md lists which backbone each fits.
 """
 from __future__ import annotations
 
-import io
 import os
 from pathlib import Path
 from typing import Any, Mapping
@@ -17,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from checkpoint import load_weights_only
-from utils import UserError, atomic_write_bytes
+from utils import UserError, atomic_torch_save
 
 __all__ = ["Phi", "PhiCheckpointError", "PHI_STATE_KEY", "load_phi", "save_phi"]
 
@@ -113,6 +112,4 @@ def load_phi(
 
 def save_phi(path: str | os.PathLike, phi: Phi, epoch: int = 0) -> None:
     """Atomically write Φ in LinCIR's checkpoint layout ``{"epoch": epoch, "Phi": state_dict}``."""
-    buffer = io.BytesIO()
-    torch.save({"epoch": epoch, PHI_STATE_KEY: phi.state_dict()}, buffer)
-    atomic_write_bytes(path, buffer.getvalue())
+    atomic_torch_save(path, {"epoch": epoch, PHI_STATE_KEY: phi.state_dict()})

@@ -27,7 +27,6 @@ continues exactly as an uninterrupted one would.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import logging
 import math
@@ -331,9 +330,7 @@ class _Progress:
         state = {"format": _STATE_FORMAT, "identity": identity, "step": self.step, "best": self.best,
                  "history": self.history, "phi": self.phi.state_dict(), "optimizer": self.optimizer.state_dict(),
                  "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict()}
-        buffer = io.BytesIO()
-        torch.save(state, buffer)
-        utils.atomic_write_bytes(path, buffer.getvalue())
+        utils.atomic_torch_save(path, state)
 
     def restore(self, path: Path, identity: dict[str, Any]) -> None:
         state = load_weights_only(path, ValueError, "Φ training state", "cpu")

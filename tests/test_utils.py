@@ -13,6 +13,7 @@ import torch
 import utils
 from utils import (
     MetricsLogger,
+    atomic_torch_save,
     atomic_write_bytes,
     atomic_write_json,
     read_metrics_log,
@@ -24,6 +25,13 @@ from utils import (
 # ---------------------------------------------------------------------------------------------
 # Atomic writes
 # ---------------------------------------------------------------------------------------------
+
+
+def test_atomic_torch_save_round_trips_and_leaves_no_temporary(tmp_path):
+    path = tmp_path / "state.pt"
+    atomic_torch_save(path, {"w": torch.arange(3.0)})
+    atomic_torch_save(path, {"w": torch.ones(2)})  # replaces the old file
+    assert torch.equal(torch.load(path)["w"], torch.ones(2)) and [p.name for p in tmp_path.iterdir()] == ["state.pt"]
 
 
 def test_atomic_write_bytes_and_json(tmp_path):
