@@ -92,7 +92,9 @@ class LoopbackChatServer:
         self._lock = threading.Lock()
         self._httpd = ThreadingHTTPServer((LOOPBACK_HOST, 0), _handler(self))
         self._httpd.daemon_threads = True
-        self._thread = threading.Thread(target=self._httpd.serve_forever, name="loopback-llm", daemon=True)
+        # A short poll interval: shutdown() waits up to one interval (the default 0.5 s, paid on every exit).
+        self._thread = threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.02},
+                                        name="loopback-llm", daemon=True)
 
     @property
     def base_url(self) -> str:

@@ -14,6 +14,7 @@ QuickGELU ``x·σ(1.702x)``, which open_clip 3.x builds only for ``*-quickgelu``
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -312,5 +313,12 @@ def create_backbone(
             model_name, pretrained=pretrained or None, precision=precision, device=device,
             force_quick_gelu=use_quick_gelu, quick_gelu=use_quick_gelu,
         )
-    tokenizer = open_clip.get_tokenizer(model_name)
-    return CLIPBackbone(clip_model, tokenizer, model_name)
+    return CLIPBackbone(clip_model, _tokenizer(model_name), model_name)
+
+
+@functools.lru_cache(maxsize=8)
+def _tokenizer(model_name: str) -> Any:
+    """``open_clip.get_tokenizer(model_name)``, built once per name: reading the BPE vocabulary takes ~0.1 s, and
+    the CVSI demo and the tests build many backbones.  A tokenizer's only state is a memo of
+    BPE results, so sharing one is safe."""
+    return open_clip.get_tokenizer(model_name)

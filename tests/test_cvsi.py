@@ -248,17 +248,21 @@ def _scripted(replies):
     return respond
 
 
+# Sent with the scripted 5xx answers: the openai client honours it instead of its own 0.5-8 s back-off.
+_RETRY_SOON = {"retry-after-ms": "5"}
+
+
 def _config(server, **kwargs):
-    settings = dict(base_url=server.base_url, model="test", timeout=0.5, max_retries=6, backoff=0.01, max_backoff=0.05)
+    settings = dict(base_url=server.base_url, model="test", timeout=0.25, max_retries=6, backoff=0.01, max_backoff=0.05)
     return ChatConfig(**{**settings, **kwargs})
 
 
 def test_client_survives_slow_answers_429_500_and_malformed_bodies():
     good = "Edited Description: a blue circle"
     replies = [
-        Reply(delay=1.0, body=chat_reply(good).body),  # slower than the 0.5 s time-out
+        Reply(delay=0.5, body=chat_reply(good).body),  # slower than the 0.25 s time-out
         Reply({"error": "rate limited"}, status=429, headers={"Retry-After": "0.05"}),
-        Reply({"error": "boom"}, status=500),
+        Reply({"error": "boom"}, status=500, headers=_RETRY_SOON),
         Reply(b"<html>bad gateway</html>"),  # not JSON
         Reply({"choices": []}),  # JSON without an answer
         Reply([1, 2]),  # JSON, but not an object
@@ -277,7 +281,7 @@ def test_client_survives_slow_answers_429_500_and_malformed_bodies():
 
 
 def test_client_gives_up_and_does_not_retry_client_errors():
-    with LoopbackChatServer(_scripted([Reply({"error": "down"}, status=503)])) as server:
+    with LoopbackChatServer(_scripted([Reply({"error": "down"}, status=503, headers=_RETRY_SOON)])) as server:
         with pytest.raises(LLMError, match="gave up after 3 attempts.*HTTP 503"):
             ChatClient(_config(server, max_retries=2)).complete([{"role": "user", "content": "x"}], str)
         assert server.requests == 3

@@ -58,6 +58,7 @@ def test_cli_passes_every_size_through(tmp_path, capsys, dataset):
     assert f"{dataset}: {tmp_path / 'cli' / written.name}" in capsys.readouterr().out
 
 
+@pytest.mark.slow  # ~9,000 images
 def test_cli_all_writes_every_dataset_at_default_sizes(tmp_path, capsys):
     assert main(["all", "--output", str(tmp_path), "--seed", "1"]) == 0
     printed = capsys.readouterr().out
