@@ -24,7 +24,7 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 @pytest.fixture(scope="module")
 def tracked_run(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("tracking")
-    data = make_synthetic_cirr(root / "data", num_train=96, num_val=40, num_test=6, image_size=32)
+    data = make_synthetic_cirr(root / "data", num_train=64, num_val=16, num_test=6, image_size=32)
     argv = ["--data_root", str(data), "--clip_model_name", "ViT-Tiny-P8-32", "--pretrained", "none",
             "--num_epochs", str(EPOCHS), "--batch_size", "32", "--lr", "1e-3", "--optimizer", "adamw",
             "--num_workers", "0", "--device", "cpu", "--log_every", "1", "--output_dir", str(root / "run"),
