@@ -142,7 +142,8 @@ def test_release_llm_step_raw_answers_and_fallback_to_reference_captions(circo, 
 
     def respond(request):
         if _instruction(request) in failing:
-            return Reply({"error": "overloaded"}, status=500)
+            # retry-after-ms: the openai client's own back-off would wait ~0.5 s before its one retry
+            return Reply({"error": "overloaded"}, status=500, headers={"retry-after-ms": "5"})
         if request["messages"][0]["content"].endswith("Objects most likely added:"):
             return chat_reply(" [a red square]\n")
         return chat_reply("  a red square and a blue circle \n")  # no marker: the raw answer is used
