@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Sequence
 
 import utils
+from search_choices import FOLDER_CACHE_DIR
 
 DEMO_CHECKPOINT = Path("demo_output") / "run" / "checkpoints" / "best.pt"
 
@@ -32,7 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--data_root", default=None, help="dataset folder, if not where the checkpoint was trained")
     parser.add_argument("--task", default=None, help="FashionIQ category to serve (default: the first trained on)")
     parser.add_argument("--cache_dir", default=None,
-                        help="feature cache of a --gallery_dir (default ~/.cache/ssn_cir, shared with retrieve.py)")
+                        help=f"feature cache of a --gallery_dir (default {FOLDER_CACHE_DIR}, shared with retrieve.py)")
     parser.add_argument("--top_k", type=int, default=5, help="results per method shown first (the page can change it)")
     parser.add_argument("--keep_reference", action="store_true",
                         help="keep the reference image in its own results by default (CIRR evaluation leaves it out)")

@@ -137,3 +137,37 @@ def checkpoint_gallery_encoder(
                                        {**settings, "files": files})
 
     return encode
+
+
+class FolderGalleryCache:
+    """A ``gallery_encoder`` for a folder of images (:func:`dataset_registry.folder_task`), shared by
+    ``retrieve.py`` and the retrieval page so that either finds the other's entries.
+
+    An entry is keyed by the checkpoint's content, the folder's resolved path (as the split), the
+    method, ``settings`` (precision, preprocessing) and the identity of the folder's files
+    (:func:`file_list_identity`, taken at each call): a file added, removed or rewritten gives another key.
+    """
+
+    def __init__(self, checkpoint_path: str | os.PathLike, gallery_dir: str | os.PathLike,
+                 cache_dir: str | os.PathLike, settings: Mapping[str, str]) -> None:
+        self.cache_dir = Path(cache_dir)
+        self.checkpoint_id = checkpoint_identity(checkpoint_path)
+        self.folder = str(Path(gallery_dir).resolve())
+        self.settings = dict(settings)
+
+    def _names(self, task: RetrievalTask) -> list[str]:
+        # Relative to the folder: ``photos`` and ``/home/me/photos`` name the same images.
+        return [os.path.relpath(Path(name).resolve(), self.folder) for name in task.gallery]
+
+    def _extra(self, task: RetrievalTask) -> dict[str, str]:
+        return {"files": file_list_identity([Path(name) for name in task.gallery]), **self.settings}
+
+    def key(self, task: RetrievalTask, method: str) -> str:
+        """The entry's key (:func:`cache_key`): files kept beside it (an ANN index) follow the same inputs."""
+        return cache_key(self.checkpoint_id, self.folder, self._names(task), method, self._extra(task))
+
+    def __call__(self, task: RetrievalTask, method: str, compute: Callable[[], Tensor]) -> Tensor:
+        """Gallery features [G, D] of ``task`` (rows in ``task.gallery`` order) from the cache, or from
+        ``compute()`` (then stored)."""
+        return cached_gallery_features(self.cache_dir, self.checkpoint_id, self.folder, self._names(task), method,
+                                       compute, self._extra(task))

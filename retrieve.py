@@ -19,7 +19,7 @@ from typing import Sequence
 
 import utils
 from precision import EVAL_PRECISION_HELP, PRECISIONS
-from search_choices import ANN_KINDS, ENGINES
+from search_choices import ANN_KINDS, ENGINES, FOLDER_CACHE_DIR
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -34,7 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="keep the reference image among the results when it is in the folder (by default it is "
                              "left out, as in CIRR evaluation)")
     parser.add_argument("--grid", default=None, help="also draw the query and its top-k into this PNG")
-    parser.add_argument("--cache_dir", default=str(Path.home() / ".cache" / "ssn_cir"), help="gallery feature cache")
+    parser.add_argument("--cache_dir", default=str(FOLDER_CACHE_DIR),
+                        help="gallery feature cache (shared with app.py)")
     parser.add_argument("--batch_size", type=int, default=64, help="images per encoding batch")
     parser.add_argument("--num_workers", type=int, default=0, help="DataLoader worker processes")
     parser.add_argument("--device", default=None, help="cuda, cuda:1, cpu; None: cuda if available")
@@ -54,12 +55,12 @@ def main(argv: Sequence[str] | None = None) -> list[tuple[Path, float]]:
     # Imported after parsing: --help needs neither torch nor open_clip.
     import torch
 
-    import feature_cache
     from ann import ANNConfig, ann_search, index_file_name, load_or_build_index
     from data_utils import load_image
     from dataset_registry import Query, folder_task
     from distributed import init_distributed
     from evaluation import ModelRetrieval
+    from feature_cache import FolderGalleryCache
     from inference import load_trained_model, preprocessing_settings
     from precision import effective_precision
     from retrieval import topk_retrieval
@@ -70,15 +71,13 @@ def main(argv: Sequence[str] | None = None) -> list[tuple[Path, float]]:
     precision = effective_precision(args.precision, device)
     reference = load_image(args.reference)  # fail on a bad reference before encoding a gallery
     task = folder_task(args.gallery_dir, [Query("0", args.reference, args.text)])  # image names are the files' paths
-    names, files = task.gallery, [Path(name) for name in task.gallery]
+    files = [Path(name) for name in task.gallery]
     trained = load_trained_model(args.checkpoint, device)
     method = ModelRetrieval(trained.model, "ssn", trained.transform, device, precision, args.batch_size, args.num_workers)
-    checkpoint_id, split = feature_cache.checkpoint_identity(args.checkpoint), str(Path(args.gallery_dir).resolve())
-    extra = {"files": feature_cache.file_list_identity(files), **preprocessing_settings(trained, precision)}
+    cache = FolderGalleryCache(args.checkpoint, args.gallery_dir, args.cache_dir, preprocessing_settings(trained, precision))
 
     def gallery_feats() -> torch.Tensor:
-        return feature_cache.cached_gallery_features(args.cache_dir, checkpoint_id, split, names, method.name,
-                                                     lambda: method.encode_gallery(task), extra=extra)
+        return cache(task, method.name, lambda: method.encode_gallery(task))
 
     query = method.encode_queries(task)
     # As in CIRR, the reference itself is no answer when it lies in the gallery folder (unless asked to keep it).
@@ -88,8 +87,8 @@ def main(argv: Sequence[str] | None = None) -> list[tuple[Path, float]]:
     exclude = torch.tensor([resolved.index(reference_path)]) if left_out else None  # None: all G can be returned
     if args.ann:
         # The index file shares the feature cache entry's key (gallery_<key>.pt), so it follows the same inputs.
-        config, size, dim = ANNConfig(kind=args.ann), len(names), query.shape[1]
-        stem = f"gallery_{feature_cache.cache_key(checkpoint_id, split, names, method.name, extra)}"
+        config, size, dim = ANNConfig(kind=args.ann), len(files), query.shape[1]
+        stem = f"gallery_{cache.key(task, method.name)}"
         index_path = Path(args.cache_dir) / index_file_name(stem, config, size, dim)
         index, _ = load_or_build_index(index_path, config, size, dim, gallery_feats)
         scores, indices = ann_search(index, query, args.top_k, config, exclude)

@@ -9,9 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from dataset_registry import Query, RetrievalTask
+from dataset_registry import Query, RetrievalTask, folder_task
 from feature_cache import (
-    cache_key, cached_gallery_features, checkpoint_gallery_encoder, checkpoint_identity, file_list_identity,
+    FolderGalleryCache, cache_key, cached_gallery_features, checkpoint_gallery_encoder, checkpoint_identity,
+    file_list_identity,
 )
 
 
@@ -81,6 +82,38 @@ def test_checkpoint_gallery_encoder_keys_each_task_by_name_and_split(tmp_path):
     (images / "b").write_bytes(b"c")  # an image replaced on disk (same size): encoded again
     encode(task("dress", "val", ["a", "b"]), "ssn", compute(2))
     assert len(calls) == 5
+
+
+def test_folder_gallery_cache_is_shared_by_path_spellings_and_follows_the_files(tmp_path, monkeypatch):
+    checkpoint = tmp_path / "model.pt"
+    checkpoint.write_bytes(b"weights")
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for name in ("a.png", "b.png"):
+        (folder / name).write_bytes(name.encode())
+    calls = []
+
+    def compute():
+        calls.append(1)
+        return torch.ones(2, 3) * len(calls)
+
+    cache = tmp_path / "cache"
+    settings = {"precision": "fp32"}
+    first = FolderGalleryCache(checkpoint, folder, cache, settings)
+    task = folder_task(folder)
+    features = first(task, "ssn", compute)
+    monkeypatch.chdir(tmp_path)  # retrieve.py and the page may name the folder differently: one entry
+    again = FolderGalleryCache(checkpoint, "photos", cache, settings)
+    assert again.key(task, "ssn") == first.key(task, "ssn")
+    assert torch.equal(again(folder_task("photos"), "ssn", compute), features) and len(calls) == 1
+    assert (cache / f"gallery_{first.key(task, 'ssn')}.pt").is_file()  # the key names the entry (ANN files too)
+    assert first.key(task, "sum") != first.key(task, "ssn")
+    assert FolderGalleryCache(checkpoint, folder, cache, {"precision": "bf16"}).key(task, "ssn") != first.key(task, "ssn")
+    before = first.key(task, "ssn")
+    (folder / "a.png").write_bytes(b"another image")  # the key is taken at each call, from the files as they are
+    assert first.key(task, "ssn") != before
+    first(task, "ssn", compute)
+    assert len(calls) == 2
 
 
 def test_file_identity_sees_a_same_sized_rewrite_with_its_mtime_restored(tmp_path):

@@ -22,7 +22,7 @@ from __future__ import annotations
 import hashlib
 import os
 from collections import defaultdict
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,18 +33,18 @@ from torch import Tensor
 from data_utils import DataError, load_image
 from dataset_registry import Query, RetrievalTask, folder_task, get_dataset, resolve_dataset_root
 from evaluation import ModelRetrieval
-from feature_cache import cached_gallery_features, checkpoint_gallery_encoder, checkpoint_identity, file_list_identity
+from feature_cache import FolderGalleryCache, checkpoint_gallery_encoder
 from inference import TrainedModel, load_trained_model, preprocessing_settings, run_directory
 from model import RETRIEVAL_METHODS
 from precision import effective_precision
 from retrieval import topk_retrieval
+from search_choices import FOLDER_CACHE_DIR
 from viz.examples import target_ranks, word_selection
 
-__all__ = ["METHOD_LABELS", "DEFAULT_CACHE_DIR", "Hit", "SearchResult", "QueryError", "dataset_task",
+__all__ = ["METHOD_LABELS", "Hit", "SearchResult", "QueryError", "dataset_task",
            "RetrievalEngine"]
 
 METHOD_LABELS = {"ssn": "SSN", "image": "image only", "text": "text only", "sum": "image + text sum"}
-DEFAULT_CACHE_DIR = Path.home() / ".cache" / "ssn_cir"  # retrieve.py's default: folder galleries share entries
 
 
 class QueryError(ValueError):
@@ -144,7 +144,7 @@ class RetrievalEngine:
 
         Without ``gallery_dir`` the gallery is the checkpoint's validation split (:func:`dataset_task`),
         cached in ``<run>/feature_cache`` as by ``validate.py``; a folder is cached in ``cache_dir``
-        (default :data:`DEFAULT_CACHE_DIR`) as by ``retrieve.py``.  ``device`` None: CUDA when available.
+        (default :data:`search_choices.FOLDER_CACHE_DIR`) as by ``retrieve.py``.  ``device`` None: CUDA when available.
 
         Raises:
             CheckpointError, CheckpointMismatchError: not a usable training checkpoint.
@@ -160,13 +160,7 @@ class RetrievalEngine:
             where = f"{task.dataset} {task.split}" + (f" ({task.name})" if task.name != task.dataset else "")
         else:
             task = folder_task(gallery_dir)
-            identity = checkpoint_identity(checkpoint)
-            split = str(Path(gallery_dir).resolve())
-            extra = {"files": file_list_identity([Path(n) for n in task.gallery]), **settings}
-
-            def encode(task: RetrievalTask, method: str, compute: Callable[[], Tensor]) -> Tensor:
-                return cached_gallery_features(cache_dir or DEFAULT_CACHE_DIR, identity, split, task.gallery, method,
-                                               compute, extra)
+            encode = FolderGalleryCache(checkpoint, gallery_dir, cache_dir or FOLDER_CACHE_DIR, settings)
             where = str(gallery_dir)
         features: dict[str, Tensor] = {}
         computed: dict[object, Tensor] = {}  # the baselines share one gallery encoding: encode it once
