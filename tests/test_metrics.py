@@ -201,3 +201,6 @@ def test_metric_meanings_name_each_key():
     assert list(meanings) == ["R@1", "Rs@1", "mean", "bogus"]
     assert meanings["mean"].startswith("mean of the 7 CIRR recalls") and meanings["bogus"] == "(no description)"
     assert metric_meanings(["avg_R@10", "mean"])["mean"].startswith("(avg_R@10 + avg_R@50) / 2")
+    # A dataset with neither CIRR's nor FashionIQ's keys is not described as either.
+    other = metric_meanings(["mAP@10", "mean"])["mean"]
+    assert "CIRR" not in other and "FashionIQ" not in other and "best checkpoint" in other

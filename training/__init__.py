@@ -11,5 +11,6 @@
 * :mod:`training.model_setup` -- the model a run starts from, official width flags, ``torch.compile``
 * :mod:`training.main`        -- the run as named stages: prepare, model, data, resume, fit, report
 
-The scripts call :func:`training.main.main_for`; nothing here imports a script.
+The scripts call :func:`training.params.parse_train_args`, then :func:`training.main.run`; nothing here
+imports a script.
 """

@@ -1,6 +1,7 @@
 """A training run as named stages: prepare, model, data, resume, fit, report.
 
-:func:`run` chains them; ``train_cirr.py`` / ``train_fiq.py`` call :func:`main_for`.
+:func:`run` chains them; ``train_cirr.py`` / ``train_fiq.py`` parse their command line with
+:func:`training.params.parse_train_args` and call :func:`run`.
 
 Fault tolerance (docs/fault_tolerance.md): ``checkpoints/last.pt`` is written atomically at every epoch
 end (before the epoch's validation) and every ``--checkpoint_every`` steps; ``--resume`` continues from
@@ -17,7 +18,7 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -34,7 +35,7 @@ from model import SSNModel, parse_pretrained
 from model.loss import create_loss
 from precision import effective_precision, grad_scaler
 from training.model_setup import check_official_dims, compile_for_training, initial_model
-from training.params import check_train_args, parse_train_args
+from training.params import check_train_args
 from training.resilience import (
     BadSampleLog, NoOptimizerStepError, PreemptionHandler, enable_determinism, log_fatal, release_frames,
 )
@@ -461,7 +462,3 @@ def run(args: argparse.Namespace, dataset: str) -> Path:
             trainer.tracker.close()  # after the report, which logs the curves (comet's offline archive is written now)
     return context.output_dir
 
-
-def main_for(dataset: str, argv: Sequence[str] | None) -> Path:
-    """Parse a training script's command line and train on ``dataset`` (a registry name)."""
-    return run(parse_train_args(dataset, argv), dataset)
