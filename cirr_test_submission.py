@@ -35,14 +35,16 @@ def main(argv: Sequence[str] | None = None) -> tuple[Path, Path]:
     args = build_parser().parse_args(argv)
     utils.setup_logging(None)
     # Imported after parsing: --help needs neither torch nor open_clip.
-    from inference import write_cirr_test_submission
+    from inference import write_test_outputs
     from retrieval import use_engine
 
     with use_engine(args.retrieval_engine):
-        return write_cirr_test_submission(
-            args.checkpoint, args.submission_name, data_root=args.data_root, output_dir=args.output_dir,
-            batch_size=args.batch_size, num_workers=args.num_workers, device=args.device, precision=args.precision,
+        recall_path, subset_path = write_test_outputs(
+            args.checkpoint, args.submission_name, dataset="cirr", data_root=args.data_root,
+            output_dir=args.output_dir, batch_size=args.batch_size, num_workers=args.num_workers, device=args.device,
+            precision=args.precision,
         )
+    return recall_path, subset_path
 
 
 if __name__ == "__main__":

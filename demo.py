@@ -40,7 +40,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, float]]:
     output_dir = Path(args.output_dir)
     logger = utils.setup_logging(None)
     # Imported after parsing: --help needs neither torch nor open_clip.
-    from inference import new_validation_dir, validate_checkpoint, write_cirr_test_submission
+    from inference import new_validation_dir, validate_checkpoint, write_test_outputs
     from metrics import metrics_table_with_legend
     from synthetic import make_synthetic_cirr
     from training.main import run
@@ -67,7 +67,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, float]]:
     validation = new_validation_dir(checkpoint)
     results = validate_checkpoint(checkpoint, baselines=True, visualize=6, output=str(validation / "validation.json"))
     logger.info("[4/%d] writing the CIRR test1 submission", STEPS)
-    recall_path, subset_path = write_cirr_test_submission(checkpoint, "demo")
+    recall_path, subset_path = write_test_outputs(checkpoint, "demo", dataset="cirr")
 
     ssn_avg = results["ssn"]["Avg"]
     best_baseline = max(results[m]["Avg"] for m in results if m != "ssn")

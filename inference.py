@@ -172,31 +172,40 @@ def validate_checkpoint(
     return results
 
 
-def write_cirr_test_submission(
-    checkpoint: str | os.PathLike, submission_name: str, data_root: str | None = None, output_dir: str | None = None,
-    batch_size: int = 64, num_workers: int = 0, device: str | None = None, precision: str = "fp32",
-) -> tuple[Path, Path]:
-    """Write and check the two CIRR test1 submission files of a CIRR checkpoint; returns their paths.
+def write_test_outputs(
+    checkpoint: str | os.PathLike, submission_name: str, dataset: str | None = None, data_root: str | None = None,
+    output_dir: str | None = None, batch_size: int = 64, num_workers: int = 0, device: str | None = None,
+    precision: str = "fp32",
+) -> list[Path]:
+    """Write and check the test-split files of a checkpoint's dataset (its registry entry's
+    ``write_test_outputs``, one call per task); returns their paths.
 
-    ``recall_submission_<name>.json`` holds each query's top 50 (reference excluded),
-    ``recall_subset_submission_<name>.json`` its top 3 within the query's image set; both go to
-    ``output_dir`` (default ``<run>/submission``).
+    CIRR: ``recall_submission_<name>.json`` (each test1 query's top 50, reference excluded) and
+    ``recall_subset_submission_<name>.json`` (its top 3 within the query's image set), as the evaluation
+    server expects.  The files go to ``output_dir`` (default ``<run>/submission``).
+
+    Args:
+        dataset: the dataset the caller expects (a script named for one); None: any.
+
+    Raises:
+        UsageError: the checkpoint was trained on another dataset than ``dataset``.
     """
     device_ = init_distributed(device).device
     precision = effective_precision(precision, device_)
     trained = load_trained_model(checkpoint, device_)
-    spec = get_dataset("cirr")
-    if trained.dataset != spec.name:
-        raise utils.UsageError(f"{checkpoint} was trained on {trained.dataset}, not CIRR")
+    spec = get_dataset(trained.dataset)
+    if dataset is not None and spec.name != get_dataset(dataset).name:
+        raise utils.UsageError(f"{checkpoint} was trained on {trained.dataset}, not {get_dataset(dataset).title}")
     root = resolve_dataset_root(_data_root(trained, checkpoint, data_root), spec.name)
-    (task,) = spec.tasks(root, spec.test_split)
     method = ModelRetrieval(trained.model, "ssn", trained.transform, device_, precision, batch_size, num_workers)
     encode = checkpoint_gallery_encoder(checkpoint, run_directory(checkpoint) / "feature_cache",
                                         preprocessing_settings(trained, precision))
-    gallery = encode(task, method.name, lambda: method.encode_gallery(task))
-    queries = method.encode_queries(task)
     directory = Path(output_dir) if output_dir else run_directory(checkpoint) / "submission"
-    recall_path, subset_path = spec.write_test_outputs(task, queries, gallery, directory, submission_name)
-    _logger.info("CIRR test1 submission (%d queries) written and checked:\n  %s\n  %s", len(queries), recall_path,
-                 subset_path)
-    return recall_path, subset_path
+    files: list[Path] = []
+    for task in spec.tasks(root, spec.test_split):
+        gallery = encode(task, method.name, lambda: method.encode_gallery(task))
+        written = spec.write_test_outputs(task, method.encode_queries(task), gallery, directory, submission_name)
+        _logger.info("%s %s test files (%d queries) written and checked:\n  %s", spec.title, task.name,
+                     len(task.queries), "\n  ".join(map(str, written)))
+        files += written
+    return files

@@ -14,6 +14,7 @@ import validate
 from checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from conftest import TINY_CIRR_NUM_TRAIN, TINY_RUN_BATCH, TINY_RUN_EPOCHS, TINY_TRAIN_ARGS
 from evaluation import ModelRetrieval
+from inference import write_test_outputs
 from model import CheckpointMismatchError
 from synthetic import make_synthetic_fashioniq
 
@@ -123,6 +124,11 @@ def test_fashioniq_training_and_validation(tmp_path):
     results = validate.main(["--checkpoint", str(run_dir / "checkpoints" / "epoch_2.pt"),
                              "--output", str(tmp_path / "v.json")])
     assert {"dress_R@10", "shirt_R@50", "toptee_R@10", "avg_R@10", "avg_R@50", "mean"} <= set(results["ssn"])
+    # Test outputs come from the dataset's registry entry: a ranking file per category, each checked.
+    files = write_test_outputs(run_dir / "checkpoints" / "epoch_2.pt", "t", output_dir=str(tmp_path / "test"))
+    assert sorted(f.name for f in files) == [f"fashioniq_{c}_test_rankings_t.json" for c in ("dress", "shirt", "toptee")]
+    with pytest.raises(utils.UsageError, match="epoch_2.pt was trained on fashioniq, not CIRR"):
+        cirr_test_submission.main(["--checkpoint", str(run_dir / "checkpoints" / "epoch_2.pt"), "--submission_name", "t"])
 
 
 def test_the_ssn_readme_command_is_accepted(cirr_root):
