@@ -36,7 +36,7 @@ from torch.utils.data import Dataset
 import utils
 from cvsi.cache import fingerprint
 from cvsi.clip_training import ContrastiveConfig, save_clip, train_contrastive
-from cvsi.fusion import PRESETS
+from cvsi.fusion import DATASET_PRESETS
 from cvsi.loopback import LoopbackChatServer, Reply, chat_reply
 from cvsi.params import parse_config
 from cvsi.phi_training import TRAIN_STATE_FILE, PhiTrainingConfig, train_phi
@@ -204,7 +204,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
               "--captions_file", str(root / CAPTIONS_DIR / "unlabeled2017.json"), "--num_captions",
               str(args.num_captions), "--seed", str(args.seed), "--cache_dir", str(out / "cache"), "--num_workers", "0"]
     demo_weights = _weights(args.alpha, args.beta, args.gamma)
-    paper = PRESETS["circo"].weights
+    paper = DATASET_PRESETS["circo"].weights
     results: dict[str, Any] = {}
     with LoopbackChatServer(synthetic_editor) as server:
         common += ["--llm_base_url", server.base_url, "--llm_model", "synthetic-editor", "--llm_concurrency", "4"]

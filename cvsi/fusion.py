@@ -28,7 +28,7 @@ if TYPE_CHECKING:  # torch is imported where used: cvsi/params.py builds the --h
     from torch import Tensor
 
 __all__ = [
-    "FusionWeights", "DatasetPreset", "PRESETS", "COMPONENTS", "GROUPS", "ABLATIONS", "SCORINGS", "fuse_query",
+    "FusionWeights", "DatasetPreset", "DATASET_PRESETS", "COMPONENTS", "GROUPS", "ABLATIONS", "SCORINGS", "fuse_query",
     "fuse_target", "scored_t_c", "ranking_target", "Components", "FusedRetrieval",
 ]
 
@@ -108,7 +108,7 @@ class DatasetPreset:
 
 # Paper §IV-A2: CIRR and CIRCO rely on semantics, FashionIQ on visual information. A dataset of the
 # registry without an entry here runs with --alpha, --beta and --gamma given.
-PRESETS = {
+DATASET_PRESETS = {
     "cirr": DatasetPreset(FusionWeights(0.6, 0.4, 0.2)),
     "circo": DatasetPreset(FusionWeights(0.6, 0.4, 0.2)),
     "fashioniq": DatasetPreset(FusionWeights(0.2, 0.6, 0.1), release_unit_t_c=True),

@@ -3,15 +3,15 @@
 
 Options whose default depends on ``--preset`` (paper / release) default to None here and are filled
 by :func:`cvsi.presets.apply_preset`; the fusion weights default to the dataset's
-:data:`cvsi.fusion.PRESETS` entry.
+:data:`cvsi.fusion.DATASET_PRESETS` entry.
 """
 from __future__ import annotations
 
 import argparse
 from collections.abc import Sequence
 
-from cvsi.fusion import COMPONENTS, GROUPS, PRESETS, SCORINGS
-from cvsi.presets import PRESETS as OPTION_PRESETS
+from cvsi.fusion import COMPONENTS, DATASET_PRESETS, GROUPS, SCORINGS
+from cvsi.presets import PRESETS
 from dataset_registry import DATASETS
 from search_choices import ENGINE_HELP, ENGINES
 
@@ -25,13 +25,13 @@ def build_parser() -> argparse.ArgumentParser:
     data = parser.add_argument_group("data")
     data.add_argument("--dataset", choices=sorted(DATASETS), required=True,
                       help="a dataset of the registry (dataset_registry.py); the fusion weights default to the paper's for "
-                           f"{', '.join(sorted(PRESETS))}")
+                           f"{', '.join(sorted(DATASET_PRESETS))}")
     data.add_argument("--split", choices=("val", "test"), default="val",
                       help="val: print the metric table; test: write the benchmark's submission files")
     data.add_argument("--data_root", required=True, help="the dataset folder or its parent")
     data.add_argument("--transform", choices=("clip", "targetpad"), default="targetpad",
                       help="image preprocessing (the CVSI release uses targetpad)")
-    data.add_argument("--preset", choices=sorted(OPTION_PRESETS), default="paper",
+    data.add_argument("--preset", choices=sorted(PRESETS), default="paper",
                       help="defaults for the options where the paper and the released code differ (captioning, "
                            "LLM step, failures, scoring; see docs/cvsi.md); options given explicitly win")
 

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 import utils
 from cvsi.cache import TensorCache, module_fingerprint
 from cvsi.features import caption_set_features, fine_grained_features, image_embeddings, image_key
-from cvsi.fusion import ABLATIONS, PRESETS, Components, FusedRetrieval, FusionWeights
+from cvsi.fusion import ABLATIONS, DATASET_PRESETS, Components, FusedRetrieval, FusionWeights
 from cvsi.phi import load_phi
 from cvsi.presets import apply_preset
 from cvsi.pseudo_tokens import fine_grained_prompt
@@ -44,13 +44,13 @@ PREDICTIONS_DIR = "val_predictions"  # --save_predictions: val rankings in the t
 def fusion_rows(args: argparse.Namespace) -> dict[str, FusionWeights]:
     """The weightings to score: the configured CVSI, plus the paper's ablations with ``--ablations``.
 
-    α, β, γ default to the dataset's :data:`cvsi.fusion.PRESETS` entry; a dataset without one needs all three.
+    α, β, γ default to the dataset's :data:`cvsi.fusion.DATASET_PRESETS` entry; a dataset without one needs all three.
     """
-    preset = PRESETS.get(args.dataset)
+    preset = DATASET_PRESETS.get(args.dataset)
     given = (args.alpha, args.beta, args.gamma)
     if preset is None and None in given:
         raise ValueError(f"CVSI has no fusion weights for dataset {args.dataset!r} (the paper gives them for "
-                         f"{', '.join(sorted(PRESETS))}): pass --alpha, --beta and --gamma")
+                         f"{', '.join(sorted(DATASET_PRESETS))}): pass --alpha, --beta and --gamma")
     defaults = (0.0, 0.0, 0.0) if preset is None else (preset.weights.alpha, preset.weights.beta, preset.weights.gamma)
     weights = FusionWeights(*(d if g is None else g for d, g in zip(defaults, given))).without(args.drop or ())
     rows = {FULL_ROW: weights}
@@ -155,7 +155,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     split = spec.test_split if args.split == "test" else spec.val_split
     tasks = spec.tasks(resolve_dataset_root(args.data_root, spec.name), split)
     components = _components(args, tasks, needed, device)
-    preset = PRESETS.get(spec.name)
+    preset = DATASET_PRESETS.get(spec.name)
     release_unit_t_c = preset is not None and preset.release_unit_t_c
     methods = {row: FusedRetrieval(row, weights, components, args.scoring, release_unit_t_c)
                for row, weights in rows.items()}

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from cvsi.cache import CacheError, JsonCache, TensorCache, fingerprint
-from cvsi.fusion import ABLATIONS, PRESETS, Components, FusedRetrieval, FusionWeights, fuse_query, fuse_target
+from cvsi.fusion import ABLATIONS, DATASET_PRESETS, Components, FusedRetrieval, FusionWeights, fuse_query, fuse_target
 from cvsi.imports import QueryAnswers, match_answers, read_answer_files, read_caption_sets, write_answer_file
 from cvsi.llm import ChatClient, ChatConfig, LLMError, LLMJob, MalformedAnswer, run_jobs
 from cvsi.loopback import LoopbackChatServer, Reply, chat_reply
@@ -50,7 +50,7 @@ def test_fusion_matches_direct_computation():
     torch.manual_seed(0)
     q_m, q_f, q_v = (F.normalize(torch.randn(5, 8), dim=-1) for _ in range(3))
     t_c, t_v = (F.normalize(torch.randn(7, 8), dim=-1) for _ in range(2))
-    for weights in (PRESETS["circo"].weights, PRESETS["fashioniq"].weights, FusionWeights(0.3, 0.3, 0.5)):
+    for weights in (DATASET_PRESETS["circo"].weights, DATASET_PRESETS["fashioniq"].weights, FusionWeights(0.3, 0.3, 0.5)):
         a, b, g = weights.alpha, weights.beta, weights.gamma
         q = a * q_m + b * q_f + (1 - a - b) * q_v
         t = g * t_c + (1 - g) * t_v
@@ -59,15 +59,15 @@ def test_fusion_matches_direct_computation():
                  @ F.normalize(fuse_target(weights, t_c, t_v), dim=-1).T)  # cosine similarity, Eq. 10
         torch.testing.assert_close(fused, direct)
     # Dropping a component zeroes its weight; the query side of CIRCO has no q_v term at all.
-    dropped = PRESETS["circo"].weights.without(["q_m", "t_v"])
+    dropped = DATASET_PRESETS["circo"].weights.without(["q_m", "t_v"])
     assert dropped.query() == {"q_m": 0.0, "q_f": 0.4, "q_v": 0.0} and dropped.target()["t_v"] == 0.0
     torch.testing.assert_close(fuse_query(dropped, None, q_f, None), 0.4 * q_f)
-    assert PRESETS["circo"].weights.without(["visual"]).needed() == {"q_m", "t_c"}
+    assert DATASET_PRESETS["circo"].weights.without(["visual"]).needed() == {"q_m", "t_c"}
     assert set(ABLATIONS["w/o semantic information extraction"]) == {"q_m", "t_c"}
     with pytest.raises(ValueError, match="alpha \\+ beta"):
         FusionWeights(0.7, 0.4, 0.2)
     with pytest.raises(ValueError, match="not computed"):
-        fuse_query(PRESETS["circo"].weights, None, q_f, q_v)
+        fuse_query(DATASET_PRESETS["circo"].weights, None, q_f, q_v)
 
 
 def test_cvsi_circo_map_on_a_hand_case_with_several_ground_truths():

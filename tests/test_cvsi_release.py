@@ -16,7 +16,7 @@ import zero_shot_cvsi
 from cvsi.params import build_parser
 from cvsi import demo
 from cvsi.captioner import Blip2Captioner
-from cvsi.fusion import PRESETS, Components, FusedRetrieval, FusionWeights, fuse_target, ranking_target, scored_t_c
+from cvsi.fusion import DATASET_PRESETS, Components, FusedRetrieval, FusionWeights, fuse_target, ranking_target, scored_t_c
 from cvsi.imports import read_caption_sets
 from cvsi.llm import LLMError
 from cvsi.loopback import LoopbackChatServer, Reply, chat_reply
@@ -66,7 +66,7 @@ re_and_add_prompt: str = "Objects prompt."
 short_modifier_prompt = "Short prompt."
 not_a_prompt = 3
 '''
-DATASETS = sorted(PRESETS)
+DATASETS = sorted(DATASET_PRESETS)
 
 
 def test_per_dataset_templates_from_the_release_module_and_text_files(tmp_path):
@@ -334,7 +334,7 @@ def test_paper_and_release_scoring_rank_a_hand_made_case_differently():
     assert cosine[0] > cosine[1] and dot[0] < dot[1] and dot_unit_t_c[0] > dot_unit_t_c[1]
 
     def best(scoring, dataset):
-        unit = PRESETS[dataset].release_unit_t_c
+        unit = DATASET_PRESETS[dataset].release_unit_t_c
         t = ranking_target(fuse_target(weights, scored_t_c(t_c, scoring, unit), t_v), scoring)
         return (F.normalize(q_v, dim=-1) @ t.T).argmax().item()
 
