@@ -39,7 +39,7 @@ class TrainedModel:
     """A model rebuilt from a training checkpoint, with what it was trained on and how images are prepared."""
 
     model: SSNModel
-    dataset: str  # 'cirr' or 'fashioniq'
+    dataset: str  # its registry name (dataset_registry.DATASETS)
     train_args: dict[str, Any]  # the run's public flags (checkpoint["args"])
     transform: Any  # PIL image -> [3, H, W] tensor, as in training
 

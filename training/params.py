@@ -36,7 +36,7 @@ def build_train_parser(dataset: str) -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     data = parser.add_argument_group("data")
-    data.add_argument("--data_root", required=True, help="dataset folder (cirr_dataset / fashion-iq) or its parent")
+    data.add_argument("--data_root", required=True, help=f"dataset folder ({spec.folder}) or its parent")
     data.add_argument("--dataset", default=spec.title, help="kept for the official command line; must name this script's dataset")
     data.add_argument("--transform", choices=("clip", "targetpad"), default="clip",
                       help="clip: CLIP's resize + centre crop (official SSN); targetpad: CLIP4Cir's pad to --target_ratio first")
