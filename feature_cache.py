@@ -3,12 +3,12 @@
 An entry is keyed by the checkpoint's identity (a hash of the file's bytes, so a retrained or copied
 checkpoint is recognised by content, not by path), the dataset split, a hash of the ordered image name
 list and the retrieval method, plus any extra settings that change the features (precision,
-preprocessing) and, for the galleries of :func:`checkpoint_gallery_encoder`, the identity of the image
-files themselves (:func:`file_list_identity`): an image replaced on disk gives another key.  Entries are
-written atomically (:func:`utils.atomic_write_bytes`) and sealed with a content checksum
-(:func:`checkpoint.sealed_bytes`): an interrupted run never leaves a truncated file behind, concurrent
-writers of the same key leave one complete entry, and an entry damaged on disk is noticed, logged and
-encoded again.
+preprocessing) and, for the galleries of :func:`checkpoint_gallery_encoder` and :class:`FolderGalleryCache`,
+the identity of the image files themselves (:func:`file_list_identity`): an image replaced on disk gives
+another key.  Entries are written atomically (:func:`utils.atomic_write_bytes`) and sealed with a content
+checksum (:func:`checkpoint.sealed_bytes`): an interrupted run never leaves a truncated file behind,
+concurrent writers of the same key leave one complete entry, and an entry damaged on disk is noticed,
+logged and encoded again.
 """
 from __future__ import annotations
 
@@ -143,9 +143,12 @@ class FolderGalleryCache:
     """A ``gallery_encoder`` for a folder of images (:func:`dataset_registry.folder_task`), shared by
     ``retrieve.py`` and the retrieval page so that either finds the other's entries.
 
-    An entry is keyed by the checkpoint's content, the folder's resolved path (as the split), the
-    method, ``settings`` (precision, preprocessing) and the identity of the folder's files
-    (:func:`file_list_identity`, taken at each call): a file added, removed or rewritten gives another key.
+    An entry is keyed by the checkpoint's content, the folder's resolved path (as the split), the image
+    names relative to that folder (resolved, so ``photos`` and its absolute path share entries and a
+    symlink counts by its target), the method, ``settings`` (precision, preprocessing) and the identity of
+    the folder's files (:func:`file_list_identity`).  The identity is taken once per instance, at its first
+    use, so that every method of one load (the page encodes the gallery once for its three baselines) is
+    keyed by the files it read: one instance serves one load.
     """
 
     def __init__(self, checkpoint_path: str | os.PathLike, gallery_dir: str | os.PathLike,
@@ -154,20 +157,22 @@ class FolderGalleryCache:
         self.checkpoint_id = checkpoint_identity(checkpoint_path)
         self.folder = str(Path(gallery_dir).resolve())
         self.settings = dict(settings)
+        self._inputs: dict[tuple[str, ...], tuple[list[str], dict[str, str]]] = {}  # gallery -> (names, extra)
 
-    def _names(self, task: RetrievalTask) -> list[str]:
-        # Relative to the folder: ``photos`` and ``/home/me/photos`` name the same images.
-        return [os.path.relpath(Path(name).resolve(), self.folder) for name in task.gallery]
-
-    def _extra(self, task: RetrievalTask) -> dict[str, str]:
-        return {"files": file_list_identity([Path(name) for name in task.gallery]), **self.settings}
+    def _key_inputs(self, task: RetrievalTask) -> tuple[list[str], dict[str, str]]:
+        gallery = tuple(task.gallery)
+        if gallery not in self._inputs:
+            names = [os.path.relpath(Path(name).resolve(), self.folder) for name in gallery]
+            self._inputs[gallery] = names, {"files": file_list_identity([Path(n) for n in gallery]), **self.settings}
+        return self._inputs[gallery]
 
     def key(self, task: RetrievalTask, method: str) -> str:
         """The entry's key (:func:`cache_key`): files kept beside it (an ANN index) follow the same inputs."""
-        return cache_key(self.checkpoint_id, self.folder, self._names(task), method, self._extra(task))
+        names, extra = self._key_inputs(task)
+        return cache_key(self.checkpoint_id, self.folder, names, method, extra)
 
     def __call__(self, task: RetrievalTask, method: str, compute: Callable[[], Tensor]) -> Tensor:
         """Gallery features [G, D] of ``task`` (rows in ``task.gallery`` order) from the cache, or from
         ``compute()`` (then stored)."""
-        return cached_gallery_features(self.cache_dir, self.checkpoint_id, self.folder, self._names(task), method,
-                                       compute, self._extra(task))
+        names, extra = self._key_inputs(task)
+        return cached_gallery_features(self.cache_dir, self.checkpoint_id, self.folder, names, method, compute, extra)

@@ -1,4 +1,5 @@
-"""A trained SSN checkpoint at work: rebuild it alone, validate it, write its CIRR test1 submission.
+"""A trained SSN checkpoint at work: rebuild it alone, validate it, write its test-split files (CIRR: the
+test1 submission).
 
 ``validate.py``, ``cirr_test_submission.py``, ``retrieve.py`` and ``demo.py`` use this module; it never
 imports the training loop (``training/``).  :func:`load_trained_model` rebuilds the model, its
@@ -7,6 +8,7 @@ checkpoint belongs to (where validation JSON, feature caches and submissions go 
 """
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from dataclasses import dataclass
@@ -177,12 +179,12 @@ def write_test_outputs(
     output_dir: str | None = None, batch_size: int = 64, num_workers: int = 0, device: str | None = None,
     precision: str = "fp32",
 ) -> list[Path]:
-    """Write and check the test-split files of a checkpoint's dataset (its registry entry's
-    ``write_test_outputs``, one call per task); returns their paths.
+    """Write the test-split files of a checkpoint's dataset (its registry entry's ``write_test_outputs``,
+    one call per task, with that entry's checks); returns their paths.
 
     CIRR: ``recall_submission_<name>.json`` (each test1 query's top 50, reference excluded) and
-    ``recall_subset_submission_<name>.json`` (its top 3 within the query's image set), as the evaluation
-    server expects.  The files go to ``output_dir`` (default ``<run>/submission``).
+    ``recall_subset_submission_<name>.json`` (its top 3 within the query's image set), checked against
+    every test1 query as the evaluation server expects.  The files go to ``output_dir`` (default ``<run>/submission``).
 
     Args:
         dataset: the dataset the caller expects (a script named for one); None: any.
@@ -203,9 +205,10 @@ def write_test_outputs(
     directory = Path(output_dir) if output_dir else run_directory(checkpoint) / "submission"
     files: list[Path] = []
     for task in spec.tasks(root, spec.test_split):
-        gallery = encode(task, method.name, lambda: method.encode_gallery(task))
+        gallery = encode(task, method.name, functools.partial(method.encode_gallery, task))
         written = spec.write_test_outputs(task, method.encode_queries(task), gallery, directory, submission_name)
-        _logger.info("%s %s test files (%d queries) written and checked:\n  %s", spec.title, task.name,
-                     len(task.queries), "\n  ".join(map(str, written)))
+        label = spec.title if task.name == spec.name else f"{spec.title} {task.name}"
+        _logger.info("%s test files (%d queries) written:\n  %s", label, len(task.queries),
+                     "\n  ".join(map(str, written)))
         files += written
     return files

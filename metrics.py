@@ -262,7 +262,7 @@ _MEAN_MEANINGS: tuple[tuple[str, str], ...] = (
     (r"Rs@\d+", "mean of the 7 CIRR recalls (R@1, 5, 10, 50, Rs@1, 2, 3); picks the best checkpoint"),
     (r"avg_R@\d+", "(avg_R@10 + avg_R@50) / 2, the FashionIQ average; picks the best checkpoint"),
 )
-_GENERIC_MEAN = "the dataset's mean of its reported figures; picks the best checkpoint"
+_GENERIC_MEAN = "the dataset's mean of its reported figures"
 
 
 def _key_kind(key: str) -> str | None:

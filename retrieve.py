@@ -74,7 +74,8 @@ def main(argv: Sequence[str] | None = None) -> list[tuple[Path, float]]:
     files = [Path(name) for name in task.gallery]
     trained = load_trained_model(args.checkpoint, device)
     method = ModelRetrieval(trained.model, "ssn", trained.transform, device, precision, args.batch_size, args.num_workers)
-    cache = FolderGalleryCache(args.checkpoint, args.gallery_dir, args.cache_dir, preprocessing_settings(trained, precision))
+    settings = preprocessing_settings(trained, precision)
+    cache = FolderGalleryCache(args.checkpoint, args.gallery_dir, args.cache_dir, settings)
 
     def gallery_feats() -> torch.Tensor:
         return cache(task, method.name, lambda: method.encode_gallery(task))

@@ -319,6 +319,6 @@ def create_backbone(
 @functools.lru_cache(maxsize=8)
 def _tokenizer(model_name: str) -> Any:
     """``open_clip.get_tokenizer(model_name)``, built once per name: reading the BPE vocabulary takes ~0.1 s, and
-    the CVSI demo and the tests build many backbones.  A tokenizer's only state is a memo of
-    BPE results, so sharing one is safe."""
+    the CVSI demo and the tests build many backbones.  The backbone takes open_clip's own text
+    tower, whose ``SimpleTokenizer`` keeps no state but a memo of BPE results: sharing one is safe."""
     return open_clip.get_tokenizer(model_name)

@@ -253,7 +253,7 @@ _RETRY_SOON = {"retry-after-ms": "5"}
 
 
 def _config(server, **kwargs):
-    settings = dict(base_url=server.base_url, model="test", timeout=0.25, max_retries=6, backoff=0.01, max_backoff=0.05)
+    settings = dict(base_url=server.base_url, model="test", timeout=5.0, max_retries=6, backoff=0.01, max_backoff=0.05)
     return ChatConfig(**{**settings, **kwargs})
 
 
@@ -270,7 +270,7 @@ def test_client_survives_slow_answers_429_500_and_malformed_bodies():
         chat_reply(good),
     ]
     with LoopbackChatServer(_scripted(replies)) as server:
-        client = ChatClient(_config(server))
+        client = ChatClient(_config(server, timeout=0.25))
         answer = client.complete(build_messages("Edit.", "a red circle", "make the circle blue", "Edited Description:"),
                                  parse_edited_description)
         assert answer == "a blue circle"

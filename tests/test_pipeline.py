@@ -127,6 +127,11 @@ def test_fashioniq_training_and_validation(tmp_path):
     # Test outputs come from the dataset's registry entry: a ranking file per category, each checked.
     files = write_test_outputs(run_dir / "checkpoints" / "epoch_2.pt", "t", output_dir=str(tmp_path / "test"))
     assert sorted(f.name for f in files) == [f"fashioniq_{c}_test_rankings_t.json" for c in ("dress", "shirt", "toptee")]
+    dress = json.loads(next(f for f in files if "_dress_" in f.name).read_text())
+    gallery = json.loads((root / "image_splits" / "split.dress.test.json").read_text())
+    assert len(dress) == len(json.loads((root / "captions" / "cap.dress.test.json").read_text()))
+    assert all(len(ranked) == len(set(ranked)) == min(50, len(gallery)) and set(ranked) <= set(gallery)
+               for ranked in dress.values())
     with pytest.raises(utils.UsageError, match="epoch_2.pt was trained on fashioniq, not CIRR"):
         cirr_test_submission.main(["--checkpoint", str(run_dir / "checkpoints" / "epoch_2.pt"), "--submission_name", "t"])
 
