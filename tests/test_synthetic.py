@@ -1,6 +1,7 @@
 """The synthetic generators: determinism, and the ``python -m synthetic`` command line passing every size through."""
 from __future__ import annotations
 
+import functools
 import hashlib
 import inspect
 import re
@@ -56,6 +57,24 @@ def test_cli_passes_every_size_through(tmp_path, capsys, dataset):
     written = MAKERS[dataset](tmp_path / "direct", seed=3, **sizes)
     assert _tree_digest(tmp_path / "cli" / written.name) == _tree_digest(written)
     assert f"{dataset}: {tmp_path / 'cli' / written.name}" in capsys.readouterr().out
+
+
+def test_cli_all_calls_every_maker_at_its_defaults(tmp_path, capsys, monkeypatch):
+    """``all``'s wiring, without writing ~9,000 images (the slow test below does)."""
+    calls = []
+
+    def recording(dataset):
+        @functools.wraps(MAKERS[dataset])  # keeps the signature the parser reads the size options from
+        def make(root, seed, **sizes):
+            calls.append((dataset, root, seed, sizes))
+            return Path(root) / dataset
+        return make
+
+    for dataset in list(MAKERS):
+        monkeypatch.setitem(MAKERS, dataset, recording(dataset))
+    assert main(["all", "--output", str(tmp_path), "--seed", "1"]) == 0
+    assert calls == [(dataset, tmp_path, 1, {}) for dataset in MAKERS]  # no size given: each maker's defaults
+    assert capsys.readouterr().out.splitlines() == [f"{d}: {tmp_path / d}" for d in MAKERS]
 
 
 @pytest.mark.slow  # ~9,000 images
