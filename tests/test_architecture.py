@@ -11,6 +11,7 @@ import lazily after parsing their arguments).
 from __future__ import annotations
 
 import ast
+import functools
 from pathlib import Path
 
 import pytest
@@ -65,6 +66,7 @@ def _top_level_modules(root: Path = ROOT) -> set[str]:
     return modules - NOT_CODE
 
 
+@functools.lru_cache(maxsize=None)  # every script's search walks the same files: parse each once
 def _import_statements(path: Path, root: Path = ROOT) -> list[tuple[int, list[str]]]:
     """Every import of ``path`` (anywhere in the file) as (line, dotted names it may load).
 
