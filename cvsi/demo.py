@@ -45,7 +45,7 @@ from cvsi.prompts import MODIFY_MARKER, OBJECTS_MARKER
 from data_utils import build_transform
 from metrics import metric_legend, metrics_table
 from synthetic import CAPTIONS_DIR
-from synthetic.circo import make_complementary_circo, setting_captioned_photo
+from synthetic.circo import make_complementary_circo, setting_captioned_photo, setting_pair_caption
 
 __all__ = ["CHANNELS", "DEMO_WEIGHTS", "PAPER_ROW", "LEGEND", "PretrainingPairs", "synthetic_editor", "build_parser",
            "table_text", "main"]
@@ -164,7 +164,7 @@ def _trained_phi(args: argparse.Namespace, clip_path: Path, models: Path) -> Pat
     ("a photo of $", the start of CVSI's q_f prompt); a finished run in ``models`` is resumed, i.e. reused."""
     corpus = models / f"captions_{args.seed}_{args.pretraining_pairs}_r{_MODEL_REVISION}.txt"
     if not corpus.is_file():
-        captions = [setting_captioned_photo(args.seed, i, 8)[1] for i in range(args.pretraining_pairs)]
+        captions = [setting_pair_caption(args.seed, i) for i in range(args.pretraining_pairs)]
         utils.atomic_write_bytes(corpus, ("\n".join(captions) + "\n").encode("utf-8"))
     config = PhiTrainingConfig(captions=[str(corpus)], clip_model_name=args.clip_model_name, pretrained=str(clip_path),
                                batch_size=args.phi_batch_size, learning_rate=2e-3, max_train_steps=args.phi_steps,

@@ -25,7 +25,7 @@ from synthetic.scenes import (
 )
 
 __all__ = ["CIRCO_ASPECTS", "CELL_NAMES", "BACKGROUNDS", "make_synthetic_circo", "make_complementary_circo",
-           "render_photo", "setting_caption", "setting_captioned_photo"]
+           "render_photo", "setting_caption", "setting_captioned_photo", "setting_pair_caption"]
 
 CIRCO_ASPECTS = ("cardinality", "addition", "negation", "direct_addressing", "compare_change",
                  "comparative_statement", "statement_with_conjunction",
@@ -186,13 +186,9 @@ def _variant(rng: np.random.Generator, scene: Scene, background: str) -> tuple[S
     return tuple(cells), background, change
 
 
-def setting_captioned_photo(seed: int, index: int, image_size: int = 64) -> tuple[Image.Image, str]:
-    """The ``index``-th pair of an endless stream: a :func:`render_photo` of a random scene on one of the
-    :data:`BACKGROUNDS` and its :func:`setting_caption`, which says the cells and the background each with
-    probability 1/2. Pairs ``2k`` and ``2k + 1`` show a scene and a variant with one difference (a shape
-    recoloured or replaced, the shapes moved, another background) that both captions mention, so a
-    contrastive batch holding both must tell them apart by that detail. Each pair has its own seed: any
-    subset can be drawn in any order (e.g. by data-loader workers)."""
+def _setting_pair_item(seed: int, index: int) -> tuple[Scene, str, str, np.random.Generator]:
+    """Item ``index`` of :func:`setting_captioned_photo`'s stream before rendering: its scene, background
+    name, caption and the generator its photo is drawn with."""
     rng = np.random.default_rng([seed, _PRETRAINING_STREAM, index // 2])
     scene = sample_scene(rng)
     background = list(BACKGROUNDS)[rng.integers(len(BACKGROUNDS))]
@@ -204,7 +200,23 @@ def setting_captioned_photo(seed: int, index: int, image_size: int = 64) -> tupl
         scene, background = variant, other_background
     rng = np.random.default_rng([seed, _PRETRAINING_STREAM, index // 2, index % 2])
     caption = setting_caption(rng, scene, background if say_background else None, say_cells)
+    return scene, background, caption, rng
+
+
+def setting_captioned_photo(seed: int, index: int, image_size: int = 64) -> tuple[Image.Image, str]:
+    """The ``index``-th pair of an endless stream: a :func:`render_photo` of a random scene on one of the
+    :data:`BACKGROUNDS` and its :func:`setting_caption`, which says the cells and the background each with
+    probability 1/2. Pairs ``2k`` and ``2k + 1`` show a scene and a variant with one difference (a shape
+    recoloured or replaced, the shapes moved, another background) that both captions mention, so a
+    contrastive batch holding both must tell them apart by that detail. Each pair has its own seed: any
+    subset can be drawn in any order (e.g. by data-loader workers)."""
+    scene, background, caption, rng = _setting_pair_item(seed, index)
     return render_photo(scene, image_size, rng, BACKGROUNDS[background]), caption
+
+
+def setting_pair_caption(seed: int, index: int) -> str:
+    """The caption of :func:`setting_captioned_photo` ``(seed, index)``, without rendering its photo."""
+    return _setting_pair_item(seed, index)[2]
 
 
 def _kept_cells(reference: Scene, target: Scene) -> dict[str, int]:

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from cvsi import demo
 from cvsi.clip_training import ContrastiveConfig, _batches, save_clip, train_contrastive
 from model import create_backbone
-from synthetic.circo import BACKGROUNDS, setting_captioned_photo
+from synthetic.circo import BACKGROUNDS, setting_captioned_photo, setting_pair_caption
 
 CLIP = "ViT-Tiny-P8-32"
 # The slow test's demo: the defaults' data and CLIP batch with fewer pairs, CLIP and Φ steps, queries and images
@@ -75,6 +75,8 @@ def test_pretraining_pairs_differ_in_one_detail_that_both_captions_say():
     image, caption = setting_captioned_photo(3, 7)
     assert (image.tobytes(), caption) == (lambda i, c: (i.tobytes(), c))(*setting_captioned_photo(3, 7))
     assert [setting_captioned_photo(4, i)[1] for i in range(6)] != [setting_captioned_photo(3, i)[1] for i in range(6)]
+    # The captions alone (Φ's training corpus) are the photos' captions.
+    assert [setting_pair_caption(3, i) for i in range(6)] == [setting_captioned_photo(3, i, 8)[1] for i in range(6)]
 
 
 def test_groups_of_consecutive_pairs_share_a_batch():
