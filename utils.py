@@ -170,7 +170,7 @@ def atomic_torch_save(path: str | os.PathLike, obj: Any) -> None:
 
     buffer = io.BytesIO()
     torch.save(obj, buffer)
-    atomic_write_bytes(path, buffer.getvalue())
+    atomic_write_bytes(path, buffer.getbuffer())  # a view: getvalue() would copy the whole file once more
 
 
 def atomic_write_json(path: str | os.PathLike, obj: Any, indent: int | None = 2) -> None:
